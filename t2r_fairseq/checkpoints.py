@@ -1,0 +1,51 @@
+"""Reading fairseq checkpoints safely under torch >= 2.6, and clear errors for bad files.
+
+torch.load now defaults to weights_only=True, which refuses the argparse.Namespace (and a few
+numpy scalars) that fairseq stores in every checkpoint, so fairseq's own CLIs cannot load any
+checkpoint. Rather than turning safe loading off, we allow exactly those types.
+"""
+import argparse
+import logging
+import os
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and the fix."""
+
+
+def allow_fairseq_checkpoints():
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is None:  # torch < 2.4 loads everything anyway
+        return
+    safe = [argparse.Namespace, np.dtype, np.ndarray]
+    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+    safe += [multiarray.scalar, multiarray._reconstruct]
+    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    add(safe)
+
+
+def load_checkpoint(path: str) -> dict:
+    """fairseq's loader (which upgrades old 'args' checkpoints to 'cfg'), with one-line errors."""
+    from fairseq import checkpoint_utils
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"{path}: not a readable fairseq checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if not isinstance(state, dict) or "model" not in state or state.get("cfg") is None:
+        raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' weights and 'cfg')")
+    return state
+
+
+def checkpoint_arch(state: dict) -> str:
+    model_cfg = state["cfg"]["model"]
+    arch = model_cfg.get("arch") if isinstance(model_cfg, dict) else getattr(model_cfg, "arch", None)
+    return arch or (model_cfg.get("_name") if isinstance(model_cfg, dict) else getattr(model_cfg, "_name", None))

@@ -1,0 +1,174 @@
+"""T2R models: fairseq's transformer decoder with T2R attention, registered as `t2r_lm` and
+`t2r_transformer`, with a `t2r_` twin of every `transformer_lm*` / `transformer*` architecture.
+
+Only fairseq's build hooks are overridden (build_decoder_layer, build_self_attention,
+build_encoder_attention), never a forward pass, so upstream fixes keep flowing in.
+"""
+from dataclasses import dataclass, field
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.distributed import fsdp_wrap
+from fairseq.models import (ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY, register_model,
+                            register_model_architecture)
+from fairseq.models.transformer import TransformerDecoder, TransformerModel
+from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from fairseq.utils import safe_getattr
+
+from .attention import T2RAttention
+from .feature_maps import FEATURE_MAPS
+
+
+@dataclass
+class T2RConfig(FairseqDataclass):
+    t2r_feature_map: ChoiceEnum(FEATURE_MAPS) = field(
+        default="t2r", metadata={"help": "feature map phi: t2r = relu(Wx+b) learned (the paper's), "
+                                         "elu = elu(x)+1, rfa = random Fourier features"})
+    t2r_feature_dim: int = field(
+        default=32, metadata={"help": "feature size k per head (t2r: rows of W; rfa: random projections, "
+                                      "2k features; elu ignores it: k = head dim)"})
+    t2r_chunk_size: int = field(
+        default=64, metadata={"help": "chunk length of the parallel causal form (speed/memory only)"})
+    t2r_softmax_layers: str = field(
+        default="", metadata={"help": "comma-separated decoder layer indices (from 0) that keep softmax "
+                                      "self-attention (hybrid model), e.g. '3,7'"})
+    t2r_cross_attention: ChoiceEnum(["t2r", "softmax"]) = field(
+        default="t2r", metadata={"help": "encoder-decoder attention of translation models: t2r (the "
+                                         "paper's) or keep softmax"})
+
+
+T2R_DEFAULTS = {name: f.default for name, f in T2RConfig.__dataclass_fields__.items()}
+
+
+def set_t2r_defaults(args):
+    for name, default in T2R_DEFAULTS.items():
+        setattr(args, name, safe_getattr(args, name, default))
+
+
+def softmax_layer_indices(args) -> set:
+    spec = safe_getattr(args, "t2r_softmax_layers", "") or ""
+    try:
+        indices = {int(i) for i in str(spec).split(",") if i.strip()}
+    except ValueError:
+        raise ValueError(f"--t2r-softmax-layers must be comma-separated integers, got {spec!r}") from None
+    bad = sorted(i for i in indices if not 0 <= i < args.decoder_layers)
+    if bad:
+        raise ValueError(f"--t2r-softmax-layers {bad} out of range for {args.decoder_layers} decoder layers")
+    return indices
+
+
+class T2RDecoderLayer(TransformerDecoderLayerBase):
+    """fairseq's decoder layer with T2R self-attention (and cross-attention)."""
+
+    def __init__(self, cfg, t2r_args, no_encoder_attn=False, softmax_self_attention=False):
+        # Read by the build hooks that the base __init__ calls.
+        self.t2r_args = t2r_args
+        self.softmax_self_attention = softmax_self_attention
+        super().__init__(cfg, no_encoder_attn)
+
+    def _t2r_attention(self, embed_dim, num_heads, **kwargs):
+        return T2RAttention(embed_dim, num_heads, feature_map=self.t2r_args.t2r_feature_map,
+                            feature_dim=self.t2r_args.t2r_feature_dim,
+                            chunk_size=self.t2r_args.t2r_chunk_size, **kwargs)
+
+    def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
+        if self.softmax_self_attention:
+            return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
+        return self._t2r_attention(embed_dim, cfg.decoder.attention_heads)
+
+    def build_encoder_attention(self, embed_dim, cfg):
+        if self.t2r_args.t2r_cross_attention == "softmax":
+            return super().build_encoder_attention(embed_dim, cfg)
+        return self._t2r_attention(embed_dim, cfg.decoder.attention_heads, kdim=cfg.encoder.embed_dim,
+                                   vdim=cfg.encoder.embed_dim, cross_attention=True)
+
+
+class T2RDecoder(TransformerDecoder):
+    """fairseq's TransformerDecoder whose layers are T2RDecoderLayers."""
+
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
+        # The base class converts args to a TransformerConfig, which drops our t2r_* options.
+        self.t2r_args = args
+        self.softmax_layers = softmax_layer_indices(args)
+        self._layers_built = 0
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
+
+    def build_decoder_layer(self, cfg, no_encoder_attn=False):
+        index = self._layers_built
+        self._layers_built += 1
+        layer = T2RDecoderLayer(cfg, self.t2r_args, no_encoder_attn,
+                                softmax_self_attention=index in self.softmax_layers)
+        # The wrapping fairseq's own build_decoder_layer applies.
+        if cfg.checkpoint_activations:
+            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+        return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)
+
+    def buffered_future_mask(self, tensor):
+        # T2R layers are causal by construction: only softmax layers need the T x T mask.
+        return super().buffered_future_mask(tensor) if self.softmax_layers else None
+
+
+def _replace_decoder(model, args, no_encoder_attn):
+    """Swap the softmax decoder fairseq built for a T2R one sharing its embeddings (and so any
+    tied output projection or adaptive softmax)."""
+    old = model.decoder
+    model.decoder = T2RDecoder(args, old.dictionary, old.embed_tokens, no_encoder_attn=no_encoder_attn)
+    return model
+
+
+@dataclass
+class T2RLanguageModelConfig(TransformerLanguageModelConfig, T2RConfig):
+    pass
+
+
+@register_model("t2r_lm", dataclass=T2RLanguageModelConfig)
+class T2RLanguageModel(TransformerLanguageModel):
+    """A transformer_lm whose self-attention is T2R: an RNN at generation time."""
+
+    @classmethod
+    def build_model(cls, args, task):
+        return _replace_decoder(super().build_model(args, task), args, no_encoder_attn=True)
+
+
+@register_model("t2r_transformer")
+class T2RTransformerModel(TransformerModel):
+    """An encoder-decoder transformer whose decoder attention is T2R; the encoder keeps softmax."""
+
+    @classmethod
+    def add_args(cls, parser):
+        super().add_args(parser)
+        gen_parser_from_dataclass(parser, T2RConfig(), delete_default=True)
+
+    @classmethod
+    def build_model(cls, args, task):
+        set_t2r_defaults(args)
+        return _replace_decoder(super().build_model(args, task), args, no_encoder_attn=False)
+
+
+def twin_architecture_name(arch: str) -> str:
+    """transformer_lm_wiki103 -> t2r_lm_wiki103, transformer_lm -> t2r_lm,
+    transformer_wmt_en_de -> t2r_transformer_wmt_en_de, transformer -> t2r_transformer."""
+    if arch == "transformer_lm" or arch.startswith("transformer_lm_"):
+        return "t2r_lm" + arch[len("transformer_lm"):]
+    return "t2r_" + arch
+
+
+def _register_twins(base_model: str, t2r_model: str):
+    """Register `twin_architecture_name(X)` for every architecture X of base_model: X's defaults
+    plus the T2R defaults."""
+    base_cls = MODEL_REGISTRY[base_model]
+    for arch, model_cls in list(ARCH_MODEL_REGISTRY.items()):
+        if model_cls is not base_cls:
+            continue
+
+        def twin_arch(args, base_arch_fn=ARCH_CONFIG_REGISTRY[arch]):
+            set_t2r_defaults(args)
+            base_arch_fn(args)
+
+        register_model_architecture(t2r_model, twin_architecture_name(arch))(twin_arch)
+
+
+_register_twins("transformer_lm", "t2r_lm")
+_register_twins("transformer", "t2r_transformer")
