@@ -11,10 +11,12 @@ import os
 import sys
 import tempfile
 from argparse import Namespace
+from enum import Enum
 from types import SimpleNamespace
 from typing import Dict, List
 
 import torch
+from omegaconf import OmegaConf
 
 from .checkpoints import CheckpointError, checkpoint_arch, load_checkpoint
 
@@ -88,7 +90,7 @@ def build_t2r_twin(state: dict, source: str, t2r_options: Dict[str, object]):
     """Build the T2R model matching a softmax checkpoint; returns (model, model_args)."""
     from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 
-    from .models import twin_architecture_name
+    from .models import set_t2r_defaults, twin_architecture_name
 
     arch = checkpoint_arch(state)
     if arch in ARCH_MODEL_REGISTRY and ARCH_MODEL_REGISTRY[arch] in (MODEL_REGISTRY["t2r_lm"],
@@ -103,6 +105,7 @@ def build_t2r_twin(state: dict, source: str, t2r_options: Dict[str, object]):
     for name, value in t2r_options.items():
         if value is not None:
             setattr(args, name, value)
+    set_t2r_defaults(args)
     ARCH_CONFIG_REGISTRY[twin](args)
     weights = state["model"]
     if args._name == "t2r_lm":
@@ -133,8 +136,10 @@ def convert_checkpoint(input_path: str, output_path: str, **t2r_options) -> List
     model, args = build_t2r_twin(state, input_path, t2r_options)
     new_keys = transfer_softmax_weights(model, state["model"], source=input_path)
     out = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state", "cfg")}
-    out["cfg"] = dict(state["cfg"])
-    out["cfg"]["model"] = args if isinstance(state["cfg"]["model"], Namespace) else vars(args)
+    # Plain containers, as fairseq's trainer saves them: torch's safe loading refuses omegaconf objects.
+    out["cfg"] = OmegaConf.to_container(state["cfg"], resolve=True, enum_to_str=True)
+    model_cfg = {k: v.value if isinstance(v, Enum) else v for k, v in vars(args).items()}
+    out["cfg"]["model"] = Namespace(**model_cfg) if isinstance(state["cfg"]["model"], Namespace) else model_cfg
     out["model"] = model.state_dict()
     atomic_torch_save(out, output_path)
     return new_keys

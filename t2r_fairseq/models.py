@@ -160,7 +160,8 @@ def _register_twins(base_model: str, t2r_model: str):
     plus the T2R defaults."""
     base_cls = MODEL_REGISTRY[base_model]
     for arch, model_cls in list(ARCH_MODEL_REGISTRY.items()):
-        if model_cls is not base_cls:
+        # register_model already made `t2r_lm` (defaults from its dataclass).
+        if model_cls is not base_cls or twin_architecture_name(arch) in ARCH_MODEL_REGISTRY:
             continue
 
         def twin_arch(args, base_arch_fn=ARCH_CONFIG_REGISTRY[arch]):

@@ -37,7 +37,9 @@ def _resume_checkpoint(cfg) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def convert_on_fresh_start(task_cfg, model, from_checkpoint: bool):
+def convert_on_fresh_start(task, model, from_checkpoint: bool):
+    # language_modeling is a legacy task (config in .args), translation a dataclass one (.cfg).
+    task_cfg = task.cfg if task.cfg is not None else task.args
     if not task_cfg.convert_from or from_checkpoint:
         return model
     resume = _resume_checkpoint(task_cfg)
@@ -59,7 +61,7 @@ class T2RLanguageModelingConfig(LanguageModelingConfig, ConvertFromConfig):
 @register_task("t2r_language_modeling", dataclass=T2RLanguageModelingConfig)
 class T2RLanguageModelingTask(LanguageModelingTask):
     def build_model(self, cfg, from_checkpoint=False):
-        return convert_on_fresh_start(self.cfg, super().build_model(cfg, from_checkpoint), from_checkpoint)
+        return convert_on_fresh_start(self, super().build_model(cfg, from_checkpoint), from_checkpoint)
 
 
 @dataclass
@@ -70,4 +72,4 @@ class T2RTranslationConfig(TranslationConfig, ConvertFromConfig):
 @register_task("t2r_translation", dataclass=T2RTranslationConfig)
 class T2RTranslationTask(TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
-        return convert_on_fresh_start(self.cfg, super().build_model(cfg, from_checkpoint), from_checkpoint)
+        return convert_on_fresh_start(self, super().build_model(cfg, from_checkpoint), from_checkpoint)
