@@ -75,7 +75,7 @@ def _vocab_size(weights: Dict[str, torch.Tensor], side: str) -> int:
     return sum(bands)
 
 
-def _dictionary(size: int):
+def placeholder_dictionary(size: int):
     """A placeholder dictionary of the right size: building the model needs only its length and
     special indices, which are fairseq's defaults."""
     from fairseq.data import Dictionary
@@ -109,11 +109,11 @@ def build_t2r_twin(state: dict, source: str, t2r_options: Dict[str, object]):
     ARCH_CONFIG_REGISTRY[twin](args)
     weights = state["model"]
     if args._name == "t2r_lm":
-        d = _dictionary(_vocab_size(weights, "decoder"))
+        d = placeholder_dictionary(_vocab_size(weights, "decoder"))
         task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
     else:
-        task = SimpleNamespace(source_dictionary=_dictionary(_vocab_size(weights, "encoder")),
-                               target_dictionary=_dictionary(_vocab_size(weights, "decoder")))
+        task = SimpleNamespace(source_dictionary=placeholder_dictionary(_vocab_size(weights, "encoder")),
+                               target_dictionary=placeholder_dictionary(_vocab_size(weights, "decoder")))
     return ARCH_MODEL_REGISTRY[twin].build_model(args, task), args
 
 

@@ -1,0 +1,73 @@
+"""Shared test helpers: tiny models, a tiny corpus, and running the CLIs as a user would."""
+import os
+import pathlib
+import random
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+USER_DIR = str(ROOT / "t2r_fairseq")
+BIN = pathlib.Path(sys.executable).parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def parse_model_args(arch, extra=(), task="language_modeling"):
+    """fairseq's own parser and config conversion, so the model config is exactly what
+    fairseq-train would pass to build_model."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, ["unused-data-dir", "--task", task, "--arch", arch, "--user-dir", USER_DIR, *map(str, extra)])
+    return convert_namespace_to_omegaconf(args).model
+
+
+def build_model(arch, extra=(), vocab=60, src_vocab=None, task="language_modeling", seed=0):
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    from t2r_fairseq.convert import placeholder_dictionary
+
+    args = parse_model_args(arch, extra, task)
+    tgt = placeholder_dictionary(vocab)
+    src = placeholder_dictionary(src_vocab or vocab)
+    torch.manual_seed(seed)
+    model = ARCH_MODEL_REGISTRY[arch].build_model(args, SimpleNamespace(source_dictionary=src, target_dictionary=tgt))
+    return model.eval(), args
+
+
+TINY_LM = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,
+           "--decoder-attention-heads", 4, "--dropout", 0, "--t2r-feature-dim", 8]
+TINY_WIKI103 = TINY_LM + ["--decoder-input-dim", 32, "--decoder-output-dim", 32, "--adaptive-input-cutoff", "20,40",
+                          "--adaptive-softmax-cutoff", "20,40", "--adaptive-softmax-dropout", 0]
+
+
+def write_corpus(directory, n_train=1500, n_valid=150, n_test=150, seed=0):
+    """Real English (Python's reference documentation, shipped with Python) as train/valid/test."""
+    import pydoc_data.topics
+
+    lines = [line.strip() for text in pydoc_data.topics.topics.values() for line in text.splitlines()
+             if len(line.split()) > 3]
+    random.Random(seed).shuffle(lines)
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    splits = {"train": lines[:n_train], "valid": lines[n_train:n_train + n_valid],
+              "test": lines[n_train + n_valid:n_train + n_valid + n_test]}
+    for name, split in splits.items():
+        (directory / f"{name}.txt").write_text("\n".join(split) + "\n")
+    return directory
+
+
+def run(cmd, cwd=None, check=True, env=None):
+    """Run a console command from this environment's bin/; return the completed process."""
+    cmd = [str(c) for c in cmd]
+    if not os.path.isabs(cmd[0]) and (BIN / cmd[0]).exists():
+        cmd[0] = str(BIN / cmd[0])
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
