@@ -1,0 +1,174 @@
+"""Swap-then-finetune on WikiText-2 at CPU scale: the paper's language-modelling claims.
+
+    python examples/language_model/wikitext2.py --data ../shared/data/wikitext-2
+
+Rows: a softmax teacher; T2R / ELU / RFA converted from it and finetuned for a quarter of the
+teacher's updates; T2R from random init for the same number of updates and for as many as the
+teacher. Each row's dev/test perplexity comes from fairseq-eval-lm. Results accumulate in
+results/wikitext2.json after every row, so an interrupted run continues where it stopped
+(`--force ROW` reruns one).
+
+Why this teacher: `transformer_lm` on an 8k sentencepiece BPE vocabulary. The word vocabulary
+(33k) makes the output layer dominate CPU time; BPE keeps a 2-core run within budget and makes
+every perplexity here per BPE token (comparable across rows, not with word-level numbers).
+"""
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+USER_DIR = str(ROOT / "t2r_fairseq")
+BIN = pathlib.Path(sys.executable).parent
+
+# Sized for a shared 2-core CPU: about 1-2k tokens/s per training process.
+MODEL = ["--decoder-layers", "2", "--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512",
+         "--decoder-attention-heads", "2", "--share-decoder-input-output-embed", "--dropout", "0.1"]
+
+
+def train_args(tokens_per_sample, max_tokens, lr, warmup):
+    return ["--tokens-per-sample", str(tokens_per_sample), "--sample-break-mode", "none",
+            "--max-tokens", str(max_tokens), "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
+            "--clip-norm", "1.0", "--lr", str(lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates",
+            str(warmup), "--weight-decay", "0.01", "--cpu", "--num-workers", "0", "--log-format", "simple",
+            "--log-interval", "50", "--no-epoch-checkpoints", "--seed", "1"]
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(cmd, log_path):
+    """Run a command with its output in log_path; on failure show its tail and stop."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(c) for c in cmd]
+    if (BIN / cmd[0]).exists():
+        cmd[0] = str(BIN / cmd[0])
+    with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    text = log_path.read_text()
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{text[-3000:]}\n(full log: {log_path})")
+    return text
+
+
+def prepare(data, work, vocab):
+    import sentencepiece as spm
+
+    bin_dir = work / "bin"
+    if (bin_dir / "dict.txt").exists():
+        return bin_dir
+    spm_dir = work / "spm"
+    spm_dir.mkdir(parents=True, exist_ok=True)
+    log(f"sentencepiece BPE ({vocab}) on {data / 'wiki.train.tokens'}")
+    spm.SentencePieceTrainer.train(input=str(data / "wiki.train.tokens"), model_prefix=str(spm_dir / "spm"),
+                                   vocab_size=vocab, model_type="bpe", character_coverage=1.0,
+                                   input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                                   bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, num_threads=2)
+    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spm.model"))
+    for split in ("train", "valid", "test"):
+        lines = (data / f"wiki.{split}.tokens").read_text(encoding="utf-8").splitlines()
+        pieces = [" ".join(sp.encode(line.strip(), out_type=str)) for line in lines if line.strip()]
+        (spm_dir / f"{split}.bpe").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    log("fairseq-preprocess")
+    sh(["fairseq-preprocess", "--only-source", "--trainpref", spm_dir / "train.bpe", "--validpref",
+        spm_dir / "valid.bpe", "--testpref", spm_dir / "test.bpe", "--destdir", bin_dir, "--workers", "2"],
+       work / "logs/preprocess.log")
+    return bin_dir
+
+
+def evaluate(bin_dir, checkpoint, tokens_per_sample, subset, log_path):
+    text = sh(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", subset,
+               "--tokens-per-sample", str(tokens_per_sample), "--context-window", str(tokens_per_sample // 2),
+               "--max-tokens", "8192", "--cpu"], log_path)
+    return float(re.findall(r"Perplexity: ([0-9.]+)", text)[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared/data/wikitext-2")
+    p.add_argument("--work", type=pathlib.Path, default=ROOT / "runs/wikitext2")
+    p.add_argument("--results", type=pathlib.Path, default=ROOT / "results/wikitext2.json")
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--teacher-updates", type=int, default=1200)
+    p.add_argument("--finetune-fraction", type=float, default=0.25)
+    p.add_argument("--tokens-per-sample", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--feature-dim", type=int, default=32)
+    p.add_argument("--rows", default=None, help="comma-separated subset of rows to run")
+    p.add_argument("--force", default="", help="comma-separated rows to rerun even if recorded")
+    args = p.parse_args(argv)
+    for split in ("train", "valid", "test"):
+        if not (args.data / f"wiki.{split}.tokens").is_file():
+            sys.exit(f"error: {args.data} has no wiki.{split}.tokens (pass --data DIR with WikiText-2)")
+
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    bin_dir = prepare(args.data, args.work, args.vocab)
+    n_teacher = args.teacher_updates
+    n_finetune = max(1, int(n_teacher * args.finetune_fraction))
+    teacher_ckpt = args.work / "teacher/checkpoint_last.pt"
+    t2r = ["--user-dir", USER_DIR, "--task", "t2r_language_modeling", "--arch", "t2r_lm",
+           "--t2r-feature-dim", str(args.feature_dim)]
+    convert = ["--convert-from", teacher_ckpt]
+    tps, mt = args.tokens_per_sample, args.max_tokens
+    rows = {
+        "teacher": (["--task", "language_modeling", "--arch", "transformer_lm"], n_teacher, args.lr),
+        "t2r_pretrain": (t2r + convert, n_finetune, args.finetune_lr),
+        "elu_pretrain": (t2r + convert + ["--t2r-feature-map", "elu"], n_finetune, args.finetune_lr),
+        "rfa_pretrain": (t2r + convert + ["--t2r-feature-map", "rfa"], n_finetune, args.finetune_lr),
+        "t2r_random": (t2r, n_finetune, args.lr),
+        "t2r_random_full": (t2r, n_teacher, args.lr),
+    }
+    wanted = args.rows.split(",") if args.rows else list(rows)
+    force = set(filter(None, args.force.split(",")))
+    for name in wanted:
+        if name in results and name not in force:
+            log(f"{name}: recorded already (--force {name} reruns it)")
+            continue
+        extra, updates, lr = rows[name]
+        save = args.work / name
+        for old in save.glob("checkpoint*.pt"):
+            old.unlink()  # a fresh run, not a resume of an earlier one
+        log(f"{name}: fairseq-train, {updates} updates")
+        start = time.time()
+        warmup = min(400, max(1, updates // 10))
+        # Validation on a slice of valid only traces the curve; the reported numbers come from
+        # fairseq-eval-lm on the full splits.
+        sh(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup), "--max-update", str(updates),
+            "--save-dir", save, "--validate-interval-updates", str(max(1, updates // 4)), "--max-valid-steps", "25"],
+           args.work / f"logs/{name}.train.log")
+        minutes = (time.time() - start) / 60
+        row = {"updates": updates, "minutes": round(minutes, 1)}
+        for subset in ("valid", "test"):
+            row[f"{subset}_ppl"] = round(evaluate(bin_dir, save / "checkpoint_last.pt", tps, subset,
+                                                  args.work / f"logs/{name}.eval_{subset}.log"), 2)
+        if name != "teacher":
+            row["feature_map"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-feature-map"), "t2r")
+            row["init"] = "teacher" if "--convert-from" in extra else "random"
+        log(f"{name}: {row}")
+        # Re-read before writing: rows may run in parallel processes (one thread each).
+        results = json.loads(args.results.read_text()) if args.results.exists() else {}
+        results[name] = row
+        results["setup"] = {
+            "commands": f"python examples/language_model/wikitext2.py --data {args.data} "
+                        + " ".join(a for a in (argv or sys.argv[1:]) if not a.startswith("--data")),
+            "teacher": "transformer_lm " + " ".join(MODEL) + f", sentencepiece BPE {args.vocab}, "
+                       f"tokens_per_sample {tps}, max_tokens {mt}",
+            "eval": f"fairseq-eval-lm --tokens-per-sample {tps} --context-window {tps // 2} (per BPE token)",
+            "machine": f"{platform.processor() or platform.machine()}, 2 CPU cores, torch CPU",
+            "date": datetime.date.today().isoformat(),
+        }
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"results in {args.results}")
+
+
+if __name__ == "__main__":
+    main()
