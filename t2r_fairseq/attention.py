@@ -15,7 +15,7 @@ import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from .feature_maps import build_feature_map
+from .feature_maps import T2RFeatureMap, build_feature_map
 from .linear_attention import (DEFAULT_CHUNK_SIZE, causal_linear_attention, linear_attention_read,
                                linear_attention_state, linear_attention_step)
 
@@ -38,6 +38,10 @@ class T2RAttention(nn.Module):
         self.v_proj = nn.Linear(vdim or embed_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.feature_map = build_feature_map(feature_map, num_heads, self.head_dim, feature_dim)
+        # Fold the T2R feature map into q/k/v_proj (one matmul, see _fused_projection); False runs
+        # the textbook form (projections, then feature map), which tests compare against.
+        self.fold_feature_map = True
+        self._fused = None  # inference cache of the fused projection
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -49,9 +53,9 @@ class T2RAttention(nn.Module):
 
     # -- shapes -----------------------------------------------------------------------------
     def _heads(self, x: Tensor) -> Tensor:
-        """(time, batch, embed) -> (batch, heads, time, head_dim)"""
+        """(time, batch, heads * d) -> (batch, heads, time, d)"""
         time, batch, _ = x.shape
-        return x.view(time, batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+        return x.view(time, batch, self.num_heads, -1).permute(1, 2, 0, 3)
 
     def _merge(self, x: Tensor) -> Tensor:
         """(batch, heads, time, head_dim) -> (time, batch, embed), then the output projection."""
@@ -73,24 +77,81 @@ class T2RAttention(nn.Module):
         """query: (time, batch, embed); key/value: (src_time, batch, kdim) for cross-attention.
         attn_mask is ignored: self-attention is causal by construction. No attention weights exist
         to return, so the second output is always None."""
-        q = self.feature_map(self._heads(self.q_proj(query)))
-        if self.cross_attention:
-            return self._merge(linear_attention_read(q, self._source_state(key, value, key_padding_mask,
-                                                                            incremental_state))), None
-        k = self._keys(query if key is None else key, key_padding_mask)
-        v = self._heads(self.v_proj(query if value is None else value))
+        if self._folds(query, key, value):
+            q, k, v = self._fused_qkv(query, key_padding_mask)
+        else:
+            q = self.feature_map(self._heads(self.q_proj(query)))
+            if self.cross_attention:
+                return self._merge(linear_attention_read(q, self._source_state(key, value, key_padding_mask,
+                                                                                incremental_state))), None
+            k = self._keys(query if key is None else key, key_padding_mask)
+            v = self._heads(self.v_proj(query if value is None else value))
         if incremental_state is None:
             out, _ = causal_linear_attention(q, k, v, chunk_size=self.chunk_size)
             return self._merge(out), None
         saved = self._get_input_buffer(incremental_state)
-        state = (saved["S"], saved["z"]) if "S" in saved else None
+        old = (saved["S"], saved["z"]) if "S" in saved else None
         if q.size(2) == 1:
             # No autograd during generation: update the cached state in place, no allocation.
-            out, state = linear_attention_step(q, k, v, state, inplace=not torch.is_grad_enabled())
+            out, state = linear_attention_step(q, k, v, old, inplace=not torch.is_grad_enabled())
         else:
-            out, state = causal_linear_attention(q, k, v, initial_state=state, chunk_size=self.chunk_size)
-        self._set_input_buffer(incremental_state, {"S": state[0], "z": state[1]})
+            out, state = causal_linear_attention(q, k, v, initial_state=old, chunk_size=self.chunk_size)
+        if old is None or state[0] is not old[0] or state[1] is not old[1]:
+            self._set_input_buffer(incremental_state, {"S": state[0], "z": state[1]})
         return self._merge(out), None
+
+    # -- T2R self-attention: feature map folded into the projections, q/k/v in one matmul ----
+    def _folds(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor]) -> bool:
+        # Only the T2R map: its first layer is linear and so folds into q_proj/k_proj. Only
+        # self-attention: q, k and v must come from the same input to share one matmul.
+        return (self.fold_feature_map and not self.cross_attention and isinstance(self.feature_map, T2RFeatureMap)
+                and (key is None or key is query) and (value is None or value is query))
+
+    def _fused_projection(self) -> Tuple[Tensor, Tensor]:
+        """(weight, bias) with x @ weight.T + bias = [W q(x) + b | W k(x) + b | v(x)] per head:
+        the map phi(y) = relu(W y + b) folds into a projection as
+        W (W_q x + b_q) + b = (W W_q) x + (W b_q + b), and W has feature_dim < head_dim rows per
+        head, so the fused matmul does less work than q_proj and k_proj alone.
+
+        With autograd on it is rebuilt on every call (cheap: no token dimension) so gradients
+        reach W, W_q and W_k exactly as in the unfused form. Without autograd (generation,
+        validation) it is built once and cached; any change to a parameter's storage or in-place
+        version counter (optimizer step, load_state_dict, .to(), .half()) rebuilds it. The cache
+        keeps the old storages alive, so a new storage cannot reuse a cached address."""
+        params = (self.q_proj.weight, self.q_proj.bias, self.k_proj.weight, self.k_proj.bias,
+                  self.v_proj.weight, self.v_proj.bias, self.feature_map.weight, self.feature_map.bias)
+        if torch.is_grad_enabled():
+            return self._fold()
+        if self._fused is None or any(p.data_ptr() != old.data_ptr() or p._version != version
+                                      for p, (old, version) in zip(params, self._fused[0])):
+            self._fused = ([(p.detach(), p._version) for p in params], *self._fold())
+        return self._fused[1], self._fused[2]
+
+    def _fold(self) -> Tuple[Tensor, Tensor]:
+        dtype = self.v_proj.weight.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # fold half-precision weights in float32
+        fm_w, fm_b = self.feature_map.weight.to(acc), self.feature_map.bias.to(acc)
+
+        def fold(proj: nn.Linear):
+            w = proj.weight.to(acc).view(self.num_heads, self.head_dim, -1)  # (heads, head_dim, embed)
+            b = proj.bias.to(acc).view(self.num_heads, self.head_dim)
+            return (torch.einsum("hfd,hde->hfe", fm_w, w).flatten(0, 1),
+                    (torch.einsum("hfd,hd->hf", fm_w, b) + fm_b).flatten())
+
+        (wq, bq), (wk, bk) = fold(self.q_proj), fold(self.k_proj)
+        return (torch.cat([wq.to(dtype), wk.to(dtype), self.v_proj.weight]),
+                torch.cat([bq.to(dtype), bk.to(dtype), self.v_proj.bias]))
+
+    def _fused_qkv(self, query: Tensor, key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+        """phi(q), phi(k), v from one matmul, each (batch, heads, time, .) like the unfused path."""
+        weight, bias = self._fused_projection()
+        qkv = nn.functional.linear(query, weight, bias)
+        n_feat = self.num_heads * self.feature_map.feature_dim
+        torch.relu_(qkv[..., :2 * n_feat])
+        q, k, v = (self._heads(t) for t in qkv.split([n_feat, n_feat, self.embed_dim], dim=-1))
+        if key_padding_mask is not None:
+            k = k.masked_fill(key_padding_mask.bool()[:, None, :, None], 0.0)
+        return q, k, v
 
     def _source_state(self, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
                       incremental_state) -> Tuple[Tensor, Tensor]:

@@ -95,17 +95,19 @@ def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[State
     step); callers that keep the old state for autograd or reuse must leave it False.
     """
     s, z = _initial_state(q, v, state)
-    qf, kf, vf = (t[:, :, 0].to(s.dtype) for t in (q, k, v))
-    update = kf.unsqueeze(-1) * vf.unsqueeze(-2)
+    # Kept as (b, h, 1, .) rows so that every product below is one batched matmul and the output
+    # comes out in its final shape: a decode step is a handful of kernel launches.
+    qf, kf, vf = (t.to(s.dtype) for t in (q, k, v))
+    k_col = kf.transpose(-1, -2)                                # (b, h, features, 1)
     if inplace and state is not None and s is state[0] and z is state[1]:
-        s.add_(update)
-        z.add_(kf)
+        s.addcmul_(k_col, vf)
+        z.add_(kf[:, :, 0])
     else:
-        s, z = s + update, z + kf
-    numerator = (qf.unsqueeze(-2) @ s).squeeze(-2)
-    denominator = (qf * z).sum(-1)
-    out = _normalize(numerator, denominator, eps)
-    return out.unsqueeze(2).to(v.dtype), (s, z)
+        s, z = torch.addcmul(s, k_col, vf), z + kf[:, :, 0]
+    numerator = qf @ s                                          # (b, h, 1, dim)
+    denominator = qf @ z.unsqueeze(-1)                          # (b, h, 1, 1)
+    out = numerator / (denominator.abs() + eps)                 # as _normalize
+    return out.to(v.dtype), (s, z)
 
 
 def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, initial_state: Optional[State] = None,

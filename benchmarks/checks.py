@@ -1,0 +1,74 @@
+"""Numerical agreement of the forms being timed, checked before any timing counts: a fast form
+that computes something else would make every ratio meaningless."""
+import torch
+
+from t2r_fairseq import linear_attention as la
+
+from .models import prefill, self_attention_modules
+from .train import single_chunk
+
+
+def _diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def run_checks(models, *, vocab, prefix=96, steps=8, seed=0):
+    """[(what, max |difference|, tolerance)] for the math, every model and the T2R fast paths."""
+    results = []
+    g = torch.Generator().manual_seed(seed)
+
+    # The math, float64: chunked (two chunk sizes) and step-by-step against the quadratic form.
+    q, k = (torch.rand(2, 3, 257, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 257, 16, generator=g, dtype=torch.float64)
+    s0 = (torch.randn(2, 3, 8, 16, generator=g, dtype=torch.float64), torch.rand(2, 3, 8, generator=g, dtype=torch.float64))
+    ref, ref_state = la.naive_causal_linear_attention(q, k, v, initial_state=s0)
+    for name, (out, state) in {"chunked(64)": la.causal_linear_attention(q, k, v, initial_state=s0),
+                               "chunked(16)": la.causal_linear_attention(q, k, v, initial_state=s0, chunk_size=16),
+                               "step-by-step": la.recurrent_linear_attention(q, k, v, initial_state=s0)}.items():
+        results.append((f"math float64: {name} vs naive (outputs, S, z)",
+                        max(_diff(out, ref), _diff(state[0], ref_state[0]), _diff(state[1], ref_state[1])), 1e-9))
+
+    # Whole models, float32: prefill + single-token steps (the path timed) vs one full forward.
+    tokens = torch.randint(4, vocab, (2, prefix + steps), generator=g)
+    with torch.no_grad():
+        for name, model in models.items():
+            full = model.decoder(tokens)[0][:, prefix:]
+            state = prefill(model, tokens[:, :prefix])
+            inc = torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
+                             for t in range(prefix, prefix + steps)], dim=1)
+            results.append((f"{name}: prefill + {steps} incremental steps vs full forward (logits)",
+                            _diff(inc, full), 1e-3))
+
+    if "t2r" in models:
+        t2r = models["t2r"]
+        with torch.no_grad():
+            fused = t2r.decoder(tokens)[0]
+            for m in self_attention_modules(t2r):
+                m.fold_feature_map = False  # the textbook form: projections, then feature map
+            try:
+                unfused = t2r.decoder(tokens)[0]
+            finally:
+                for m in self_attention_modules(t2r):
+                    m.fold_feature_map = True
+        results.append(("t2r: feature map folded into one q/k/v matmul vs unfolded (logits)",
+                        _diff(fused, unfused), 1e-3))
+
+        # Training: chunked vs single chunk (quadratic) on a layer, outputs and input gradients.
+        layer = t2r.decoder.layers[0]
+        x = torch.randn(300, 2, t2r.decoder.embed_dim, generator=g)
+        grads = []
+        for context in (lambda: torch.enable_grad(), lambda: single_chunk(t2r, 300)):
+            xi = x.clone().requires_grad_()
+            with context(), torch.enable_grad():
+                out = layer(xi)[0]
+                out.backward(torch.ones_like(out))
+            grads.append((out.detach(), xi.grad))
+        results.append(("t2r layer: chunked vs naive, outputs and input gradients (float32)",
+                        max(_diff(grads[0][0], grads[1][0]), _diff(grads[0][1], grads[1][1])), 1e-3))
+    return results
+
+
+def assert_checks(results):
+    bad = [f"{what}: {diff:.2e} > {tol:.0e}" for what, diff, tol in results if not diff <= tol]
+    if bad:
+        raise SystemExit("numerical checks failed, timings would be meaningless:\n  " + "\n  ".join(bad))

@@ -1,0 +1,97 @@
+"""Decoding: time per step and memory of softmax (kv cache), T2R (recurrent state) and the floor,
+through fairseq's own incremental decoding (model.decoder(tokens, incremental_state=...)), and
+end-to-end fairseq SequenceGenerator runs.
+
+Per (prefix length L, batch B): the prefix is read once at batch 1 (`models.prefill`) and copied to
+B rows with the decoder's own reorder_incremental_state (what beam search does); then single-token
+steps are timed. The softmax cache is put back to length L before every step (outside the timer),
+so each step attends over exactly L keys; T2R's state is constant-size and simply keeps going.
+Models are timed in interleaved rounds so that a change in machine load hits all three alike.
+"""
+import torch
+
+from .measure import median, peak_bytes, timed
+from .models import prefill, state_bytes
+
+MODELS = ("softmax", "t2r", "floor")
+
+
+def _copy_state(state):
+    """New dict structure sharing the tensors: enough to undo a softmax step, whose cache update
+    replaces tensors (torch.cat) instead of writing into them."""
+    return {key: dict(buf) for key, buf in state.items()}
+
+
+def _expand(model, state, batch):
+    """State for `batch` identical rows, in new tensors (index_select), leaving `state` intact."""
+    state = _copy_state(state)
+    model.decoder.reorder_incremental_state_scripting(state, torch.zeros(batch, dtype=torch.long))
+    return state
+
+
+def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, rounds=3, max_steps=50, seed=0, log=print):
+    """One row per (L, B, model): median seconds per step, state bytes, peak bytes during a step."""
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    for length in lengths:
+        tokens = torch.randint(4, vocab, (1, length + 1), generator=g)
+        with torch.no_grad():
+            prefix_states = {name: prefill(model, tokens[:, :length]) for name, model in models.items()}
+        for batch in batches:
+            step_tokens = tokens.expand(batch, -1).contiguous()
+            runs = {}
+            for name, model in models.items():
+                state = _expand(model, prefix_states[name], batch)
+
+                def step(model=model, state=state):
+                    model.decoder(step_tokens, incremental_state=state)
+
+                with torch.no_grad():
+                    held = state_bytes(state)
+                    # Memory of one natural step (nothing else holds the old cache): warms up too.
+                    peak = held + peak_bytes(step)
+                    restore = _copy_state(state) if name == "softmax" else None
+                    first = timed(step)
+                runs[name] = dict(step=step, state=state, restore=restore, held=held, peak=peak, times=[],
+                                  per_round=max(2, min(max_steps // rounds, int(seconds / rounds / first))))
+            with torch.no_grad():
+                for r in range(rounds):
+                    order = list(models)[r % len(models):] + list(models)[:r % len(models)]
+                    for name in order:
+                        run = runs[name]
+                        for _ in range(run["per_round"]):
+                            if run["restore"] is not None:
+                                run["state"].clear()
+                                run["state"].update(_copy_state(run["restore"]))
+                            run["times"].append(timed(run["step"]))
+            for name, run in runs.items():
+                rows.append(dict(length=length, batch=batch, model=name, step_s=median(run["times"]),
+                                 steps=len(run["times"]), state_bytes=run["held"], peak_bytes=run["peak"]))
+            log(f"  L={length:5d} B={batch:2d}  " + "  ".join(
+                f"{r['model']} {r['step_s'] * 1e3:8.2f} ms" for r in rows[-len(models):]))
+            del runs
+        del prefix_states
+    return rows
+
+
+def generation_rows(models, *, length, beams, vocab, log=print):
+    """fairseq SequenceGenerator producing exactly `length` tokens (min_len = max_len) from a
+    one-token prompt, batch 1, for every beam size; wall time per run."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    rows = []
+    dictionary = next(iter(models.values())).decoder.dictionary
+    sample = {"net_input": {"src_tokens": torch.tensor([[dictionary.eos()]]), "src_lengths": torch.tensor([1])}}
+    for beam in beams:
+        for name, model in models.items():
+            generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=length,
+                                          min_len=length)
+            warm_up = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=8, min_len=8)
+            with torch.no_grad():
+                warm_up.generate([model], sample)
+                hypos = []
+                seconds = timed(lambda: hypos.append(generator.generate([model], sample)))
+            produced = hypos[0][0][0]["tokens"].numel()
+            rows.append(dict(model=name, beam=beam, length=produced, seconds=seconds))
+            log(f"  beam={beam} {name}: {produced} tokens in {seconds:.2f} s")
+    return rows

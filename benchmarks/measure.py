@@ -1,0 +1,59 @@
+"""Timing and memory primitives shared by the benchmarks, and the machine description.
+
+Memory on CPU: torch's allocator keeps no statistics there and RSS mixes in the Python heap and
+freed-but-cached pages, so peak memory is counted from torch.profiler's allocation events
+(profile_memory=True): every tensor allocation and free inside the measured call, in order. The
+running sum's maximum is the peak of torch tensor bytes allocated *on top of* what was live when
+the call started. Callers add what was live and relevant (the decode state, the kv cache).
+"""
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes of torch tensors allocated by fn() above those live when it started."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # kineto's raw events carry signed sizes (+alloc, -free); FunctionEvent aggregates lose order.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def machine() -> str:
+    """CPU model, cores torch uses, load average: to print beside every table."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads, load average (1/5/15 min) at start: {load}")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

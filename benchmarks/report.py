@@ -1,0 +1,179 @@
+"""Markdown tables, the decode plot, the targets of issue 5 and a torch.profiler table of a step."""
+import torch
+
+from .measure import human_bytes
+from .models import prefill
+
+MEMORY_NOTE = ("Memory is counted in torch tensor bytes. *held*: the bytes of every tensor in the "
+               "incremental state (softmax: the key/value cache; T2R: S and z; floor: nothing). *peak in a "
+               "step*: held + the maximum of torch allocations minus frees during one decode step, from "
+               "torch.profiler's memory events (profile_memory=True); it includes the step's activations and "
+               "logits and, for softmax, the new cache that torch.cat builds before the old one is freed. "
+               "Parameters (the same for all three) are not counted. Not RSS: that would mix in the Python "
+               "heap and pages the allocator keeps after a free.")
+
+
+def _header(title, header):
+    return [f"# {title}", "", f"Command: `{header['command']}` ({header['date']})", "",
+            f"Machine: {header['machine']}", "", f"Models: {header['shape']}", ""]
+
+
+def _checks(checks):
+    lines = ["## Numerical checks (run before timing; the run stops if one fails)", "",
+             "| check | max abs difference | tolerance |", "|---|---|---|"]
+    lines += [f"| {what} | {diff:.1e} | {tol:.0e} |" for what, diff, tol in checks]
+    return lines + [""]
+
+
+def _target(lines, text, value, ok, fmt="{:.2f}x"):
+    lines.append(f"| {text} | {fmt.format(value) if value is not None else 'not measured'} | "
+                 f"{'met' if ok else 'MISSED' if value is not None else '-'} |")
+
+
+def write_decode(out, header, checks, rows, generate, profile):
+    lines = _header("Decoding: softmax (kv cache) vs T2R (recurrent state) vs floor", header)
+    lines += ["Per step: every sequence in the batch gets one new token through fairseq's incremental "
+              "decoding, `model.decoder(tokens, incremental_state=state)`, after a prefix of L tokens "
+              "(softmax attends over exactly L cached keys in every timed step). Median of interleaved rounds. "
+              "*floor*: the same model with attention mixing removed (q/k/v/out projections, FFN, output "
+              "layer kept): no attention variant can beat it.", "", *_checks(checks)]
+    t = {(r["length"], r["batch"], r["model"]): r for r in rows}
+    lengths = sorted({r["length"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    if rows:
+        lines += ["## Time per decode step", "",
+                  "| batch | prefix L | softmax ms | T2R ms | floor ms | softmax / T2R | T2R / floor | T2R(L) / T2R(shortest) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for b in batches:
+            for n in lengths:
+                s, r, f = (t[(n, b, m)]["step_s"] for m in ("softmax", "t2r", "floor"))
+                lines.append(f"| {b} | {n} | {s * 1e3:.2f} | {r * 1e3:.2f} | {f * 1e3:.2f} | {s / r:.2f} | "
+                             f"{r / f:.2f} | {r / t[(lengths[0], b, 't2r')]['step_s']:.2f} |")
+        lines += ["", "## Memory of decoding", "", MEMORY_NOTE, "",
+                  "| batch | prefix L | softmax kv cache held | T2R state held | cache / state | "
+                  "softmax peak in a step | T2R peak in a step | floor peak in a step |", "|---|---|---|---|---|---|---|---|"]
+        for b in batches:
+            for n in lengths:
+                s, r, f = (t[(n, b, m)] for m in ("softmax", "t2r", "floor"))
+                lines.append(f"| {b} | {n} | {human_bytes(s['state_bytes'])} | {human_bytes(r['state_bytes'])} | "
+                             f"{s['state_bytes'] / r['state_bytes']:.0f} | {human_bytes(s['peak_bytes'])} | "
+                             f"{human_bytes(r['peak_bytes'])} | {human_bytes(f['peak_bytes'])} |")
+        lines += ["", "![decode step time](bench_decode.png)", ""]
+        lines += _decode_targets(t, lengths, batches)
+        _plot(out / "bench_decode.png", t, lengths, batches)
+    if generate:
+        g = {(r["model"], r["beam"]): r for r in generate}
+        lines += ["## End to end: fairseq SequenceGenerator", "",
+                  "Batch 1, one-token prompt, exactly the given number of tokens generated (min_len = max_len), "
+                  "beam search reorders the incremental state every step. Wall time of one run after a short warm-up run.", "",
+                  "| beam | tokens | softmax s | T2R s | softmax / T2R | T2R tokens/s |", "|---|---|---|---|---|---|"]
+        for beam in sorted({r["beam"] for r in generate}):
+            s, r = g[("softmax", beam)], g[("t2r", beam)]
+            lines.append(f"| {beam} | {r['length']} | {s['seconds']:.2f} | {r['seconds']:.2f} | "
+                         f"{s['seconds'] / r['seconds']:.2f} | {r['length'] / r['seconds']:.0f} |")
+        lines.append("")
+    if profile:
+        lines += ["## Where a step's time goes (torch.profiler, self CPU time)", "", profile, ""]
+    (out / "bench_decode.md").write_text("\n".join(lines))
+
+
+def _decode_targets(t, lengths, batches):
+    lines = ["## Targets (issue 5)", "", "| target | measured | |", "|---|---|---|"]
+    for b in batches:
+        lo, hi = t.get((128, b, "t2r")), t.get((8192, b, "t2r"))
+        ratio = hi["step_s"] / lo["step_s"] if lo and hi else None
+        _target(lines, f"T2R step at prefix 8192 within 1.10x of prefix 128, batch {b}", ratio,
+                ratio is not None and ratio <= 1.10)
+        worst = max((t[(n, b, "t2r")]["step_s"] / t[(n, b, "floor")]["step_s"], n) for n in lengths)
+        _target(lines, f"T2R within 1.15x of the floor at every length, batch {b} (worst: L={worst[1]})",
+                worst[0], worst[0] <= 1.15)
+    for n, b, goal in ((4096, 1, 4), (2048, 16, 10)):
+        s, r = t.get((n, b, "softmax")), t.get((n, b, "t2r"))
+        ratio = s["step_s"] / r["step_s"] if s and r else None
+        _target(lines, f"T2R >= {goal}x faster than softmax at prefix {n}, batch {b}", ratio,
+                ratio is not None and ratio >= goal)
+    return lines + [""]
+
+
+def _plot(path, t, lengths, batches):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
+    for ax, b in zip(axes, batches):
+        for m, style in (("softmax", "o-"), ("t2r", "s-"), ("floor", "^--")):
+            ax.plot(lengths, [t[(n, b, m)]["step_s"] * 1e3 for n in lengths], style, label=m)
+        ax.set(xscale="log", yscale="log", xlabel="prefix length", ylabel="ms per decode step",
+               title=f"batch {b}")
+        ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
+        ax.legend()
+    ax = axes[-1]
+    for b in batches:
+        ax.plot(lengths, [t[(n, b, "softmax")]["state_bytes"] / 2 ** 20 for n in lengths], "o-", label=f"softmax kv cache, batch {b}")
+        ax.plot(lengths, [t[(n, b, "t2r")]["state_bytes"] / 2 ** 20 for n in lengths], "s-", label=f"T2R state, batch {b}")
+    ax.set(xscale="log", yscale="log", xlabel="prefix length", ylabel="MiB held", title="decode state")
+    ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def step_profile(models, length, batch, *, vocab, steps=20):
+    """torch.profiler table (self CPU time) of T2R and floor decode steps at one configuration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .decode import _expand
+
+    tokens = torch.randint(4, vocab, (1, length + 1))
+    parts = []
+    for name in ("t2r", "floor"):
+        model = models[name]
+        with torch.no_grad():
+            state = _expand(model, prefill(model, tokens[:, :min(length, 128)]), batch)
+            step_tokens = tokens.expand(batch, -1).contiguous()
+            model.decoder(step_tokens, incremental_state=state)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    model.decoder(step_tokens, incremental_state=state)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        parts.append(f"{name}, batch {batch}, {steps} steps (T2R's step cost does not depend on the prefix):\n\n"
+                     f"```\n{table}\n```")
+    return "\n\n".join(parts)
+
+
+def write_train(out, header, checks, rows):
+    lines = _header("Training: forward + backward per token, T2R chunked vs softmax vs quadratic T2R", header)
+    lines += ["Fixed tokens per step (batch = tokens / length). *layer*: one decoder layer (attention + FFN, "
+              "fairseq's causal mask for softmax); *model*: the whole model with output layer and cross-entropy. "
+              "*t2r*: the chunked parallel form (chunk 64); *t2r-naive*: the same module in one chunk as long as "
+              "the sequence (the T x T form). softmax is fairseq's MultiheadAttention, which calls "
+              "torch's F.multi_head_attention_forward. Median of interleaved rounds after a warm-up. "
+              "Memory: peak torch tensor bytes allocated during one forward + backward (torch.profiler memory "
+              "events; parameter gradients included, parameters not), per token.", "", *_checks(checks)]
+    t = {(r["level"], r["length"], r["form"]): r for r in rows}
+    for level in ("layer", "model"):
+        lengths = sorted({r["length"] for r in rows if r["level"] == level})
+        if not lengths:
+            continue
+        lines += [f"## {level}", "",
+                  "| length | batch | softmax us/token | t2r us/token | t2r-naive us/token | softmax / t2r | "
+                  "softmax KiB/token | t2r KiB/token | t2r-naive KiB/token |", "|---|---|---|---|---|---|---|---|---|"]
+        for n in lengths:
+            s, r, q = t[(level, n, "softmax")], t[(level, n, "t2r")], t.get((level, n, "t2r-naive"))
+            naive_us = f"{q['token_s'] * 1e6:.1f}" if q else "skipped"
+            naive_kib = f"{q['token_bytes'] / 1024:.1f}" if q else "skipped"
+            lines.append(f"| {n} | {s['batch']} | {s['token_s'] * 1e6:.1f} | {r['token_s'] * 1e6:.1f} | {naive_us} | "
+                         f"{s['token_s'] / r['token_s']:.2f} | {s['token_bytes'] / 1024:.1f} | "
+                         f"{r['token_bytes'] / 1024:.1f} | {naive_kib} |")
+        lines.append("")
+    lines += ["## Targets (issue 5)", "", "| target | measured | |", "|---|---|---|"]
+    for level in ("layer", "model"):
+        for n, text, ok in ((4096, "chunked T2R >= 2x faster than softmax at 4096", lambda x: x >= 2),
+                            (512, "chunked T2R <= 1.3x slower than softmax at 512", lambda x: x <= 1.3)):
+            s, r = t.get((level, n, "softmax")), t.get((level, n, "t2r"))
+            value = None if not (s and r) else (s["token_s"] / r["token_s"] if n == 4096 else r["token_s"] / s["token_s"])
+            _target(lines, f"{text} ({level}; {'softmax / t2r' if n == 4096 else 't2r / softmax'})", value,
+                    value is not None and ok(value))
+    (out / "bench_train.md").write_text("\n".join(lines + [""]))

@@ -1,0 +1,107 @@
+"""Entry point: `python -m benchmarks.run [--quick] [--only decode,generate,train] [sizes...]`.
+
+Checks numerically that the timed forms agree, then measures and writes markdown tables (and a
+plot) under --out: bench_decode.md, bench_decode.png, bench_train.md.
+"""
+import argparse
+import datetime
+import logging
+import pathlib
+import sys
+import time
+import warnings
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test in about a minute: a small model, short lengths, output to /tmp")
+    p.add_argument("--only", default="decode,generate,train", help="which benchmarks, comma-separated")
+    p.add_argument("--out", default=None, help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
+    p.add_argument("--lengths", type=_ints, default=[128, 256, 512, 1024, 2048, 4096, 8192], help="decode prefix lengths")
+    p.add_argument("--batches", type=_ints, default=[1, 16], help="decode batch sizes")
+    p.add_argument("--seconds", type=float, default=1.5, help="decode: timed seconds per model and configuration")
+    p.add_argument("--gen-length", type=int, default=1024, help="SequenceGenerator output length")
+    p.add_argument("--beams", type=_ints, default=[1, 5])
+    p.add_argument("--train-lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192])
+    p.add_argument("--train-tokens", type=int, default=8192, help="tokens per training step (batch = tokens // length)")
+    p.add_argument("--train-model-lengths", type=_ints, default=[512, 2048, 4096, 8192],
+                   help="lengths for the whole-model training rows (each iteration is seconds long)")
+    p.add_argument("--naive-max-length", type=int, default=4096, help="longest length for the quadratic T2R form")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.dim, args.heads, args.vocab, args.feature_dim = 2, 128, 4, 1000, 16
+        args.lengths, args.batches, args.seconds, args.gen_length = [64, 512], [1, 4], 0.3, 32
+        args.train_lengths, args.train_model_lengths, args.train_tokens = [128, 512], [128, 512], 1024
+    args.out = pathlib.Path(args.out or ("/tmp/t2r_bench_quick" if args.quick else "results"))
+    args.only = set(args.only.split(","))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)  # fairseq/hydra chatter
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from . import report
+    from .checks import assert_checks, run_checks
+    from .decode import decode_rows, generation_rows
+    from .measure import machine
+    from .models import build_models
+    from .train import train_rows
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.time()
+    header = dict(command="python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
+                  machine=machine(), date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                  shape=f"{args.layers} layers x {args.dim} (heads {args.heads}, FFN {4 * args.dim}), "
+                        f"vocab {args.vocab}, T2R feature size {args.feature_dim}, float32")
+    log(f"{header['machine']}\nmodels: {header['shape']}")
+    models = build_models(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab,
+                          feature_dim=args.feature_dim,
+                          max_positions=max(args.lengths + args.train_lengths + [args.gen_length]) + 64)
+    checks = run_checks(models, vocab=args.vocab)
+    for what, diff, tol in checks:
+        log(f"  check {'ok ' if diff <= tol else 'BAD'} {diff:.1e} (tol {tol:.0e})  {what}")
+    assert_checks(checks)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.only & {"decode", "generate"}:
+        decode, generate = [], []
+        if "decode" in args.only:
+            log("decode steps")
+            decode = decode_rows(models, args.lengths, args.batches, vocab=args.vocab, seconds=args.seconds, log=log)
+        if "generate" in args.only:
+            log("SequenceGenerator")
+            generate = generation_rows({k: models[k] for k in ("softmax", "t2r")}, length=args.gen_length,
+                                       beams=args.beams, vocab=args.vocab, log=log)
+        profile = report.step_profile(models, max(args.lengths), max(args.batches), vocab=args.vocab)
+        report.write_decode(args.out, header, checks, decode, generate, profile)
+    if "train" in args.only:
+        log("training")
+        train = train_rows(models, args.train_lengths, tokens=args.train_tokens, levels=("layer",),
+                           naive_max_length=args.naive_max_length, vocab=args.vocab, log=log)
+        train += train_rows(models, args.train_model_lengths, tokens=args.train_tokens, levels=("model",),
+                            naive_max_length=min(args.naive_max_length, 2048), vocab=args.vocab, log=log)
+        report.write_train(args.out, header, checks, train)
+    log(f"done in {time.time() - started:.0f} s; results in {args.out}/")
+
+
+if __name__ == "__main__":
+    main()

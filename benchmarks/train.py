@@ -1,0 +1,96 @@
+"""Training: forward + backward time and peak memory per token, at a fixed number of tokens per
+step (batch = tokens // length), for one decoder layer and for the whole model (with its output
+layer and cross-entropy loss).
+
+Forms: `softmax` (fairseq's MultiheadAttention as the decoder layer uses it, causal mask and all),
+`t2r` (the chunked parallel form) and `t2r-naive` (the same module with a single chunk as long as
+the sequence, i.e. the quadratic form that materializes the T x T kernel matrix).
+"""
+import contextlib
+
+import torch
+
+from .measure import median, peak_bytes, timed
+from .models import self_attention_modules
+
+FORMS = ("softmax", "t2r", "t2r-naive")
+
+
+@contextlib.contextmanager
+def single_chunk(model, length):
+    """T2R modules of `model` run the quadratic form: one chunk covering the whole sequence."""
+    modules = self_attention_modules(model)
+    saved = [m.chunk_size for m in modules]
+    for m in modules:
+        m.chunk_size = length
+    try:
+        yield
+    finally:
+        for m, size in zip(modules, saved):
+            m.chunk_size = size
+
+
+def _iteration(model, level, batch, length, vocab, g):
+    """A closure running one forward + backward; inputs are made once, outside the timer."""
+    params = list(model.parameters())
+    if level == "layer":
+        layer = model.decoder.layers[0]
+        dim = model.decoder.embed_dim
+        x = torch.randn(length, batch, dim, generator=g, requires_grad=True)
+        grad = torch.randn(length, batch, dim, generator=g)
+        mask = model.decoder.buffered_future_mask(x)  # None for T2R decoders: causal by construction
+
+        def run():
+            out = layer(x, self_attn_mask=mask)[0]
+            out.backward(grad)
+    else:
+        tokens = torch.randint(4, vocab, (batch, length + 1), generator=g)
+
+        def run():
+            logits = model.decoder(tokens[:, :-1])[0]
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+            loss.backward()
+
+    def iteration():
+        for p in params:
+            p.grad = None
+        run()
+    return iteration
+
+
+def train_rows(models, lengths, *, tokens, levels=("layer", "model"), naive_max_length=4096, rounds=2,
+               vocab, seed=0, log=print):
+    """One row per (level, length, form): median seconds and peak bytes of one iteration, per token."""
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    for model in models.values():
+        model.train()
+    try:
+        for level in levels:
+            for length in lengths:
+                batch = max(1, tokens // length)
+                # form -> (model, its context: the naive form is the T2R model in a single chunk)
+                forms = {"softmax": (models["softmax"], contextlib.nullcontext),
+                         "t2r": (models["t2r"], contextlib.nullcontext)}
+                if length <= naive_max_length:
+                    forms["t2r-naive"] = (models["t2r"], lambda: single_chunk(models["t2r"], length))
+                runs = {}
+                for form, (model, context) in forms.items():
+                    with context():
+                        iteration = _iteration(model, level, batch, length, vocab, g)
+                        # The profiled first iteration is also the warm-up.
+                        runs[form] = dict(iteration=iteration, peak=peak_bytes(iteration), times=[])
+                for r in range(rounds):
+                    for form, (model, context) in forms.items():
+                        with context():
+                            runs[form]["times"].append(timed(runs[form]["iteration"]))
+                n = batch * length
+                for form, run in runs.items():
+                    rows.append(dict(level=level, length=length, batch=batch, form=form,
+                                     token_s=median(run["times"]) / n, token_bytes=run["peak"] / n))
+                log(f"  {level:5s} L={length:5d} B={batch:2d}  " + "  ".join(
+                    f"{r['form']} {r['token_s'] * 1e6:7.1f} us/tok" for r in rows[-len(runs):]))
+    finally:
+        for model in models.values():
+            model.eval()
+    return rows
