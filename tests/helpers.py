@@ -14,16 +14,21 @@ BIN = pathlib.Path(sys.executable).parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def parse_namespace(arch, extra=(), task="language_modeling"):
+    """The full argparse Namespace fairseq-train builds (what old fairseq stored as 'args')."""
+    from fairseq import options
+
+    parser = options.get_training_parser()
+    return options.parse_args_and_arch(
+        parser, ["unused-data-dir", "--task", task, "--arch", arch, "--user-dir", USER_DIR, *map(str, extra)])
+
+
 def parse_model_args(arch, extra=(), task="language_modeling"):
     """fairseq's own parser and config conversion, so the model config is exactly what
     fairseq-train would pass to build_model."""
-    from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    parser = options.get_training_parser()
-    args = options.parse_args_and_arch(
-        parser, ["unused-data-dir", "--task", task, "--arch", arch, "--user-dir", USER_DIR, *map(str, extra)])
-    return convert_namespace_to_omegaconf(args).model
+    return convert_namespace_to_omegaconf(parse_namespace(arch, extra, task)).model
 
 
 def build_model(arch, extra=(), vocab=60, src_vocab=None, task="language_modeling", seed=0):
@@ -39,10 +44,14 @@ def build_model(arch, extra=(), vocab=60, src_vocab=None, task="language_modelin
     return model.eval(), args
 
 
-TINY_LM = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,
-           "--decoder-attention-heads", 4, "--dropout", 0, "--t2r-feature-dim", 8]
-TINY_WIKI103 = TINY_LM + ["--decoder-input-dim", 32, "--decoder-output-dim", 32, "--adaptive-input-cutoff", "20,40",
-                          "--adaptive-softmax-cutoff", "20,40", "--adaptive-softmax-dropout", 0]
+# Softmax architectures take the *_SOFTMAX lists; T2R ones add a small feature size.
+TINY_LM_SOFTMAX = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim", 64,
+                   "--decoder-attention-heads", 4, "--dropout", 0]
+TINY_WIKI103_SOFTMAX = TINY_LM_SOFTMAX + ["--decoder-input-dim", 32, "--decoder-output-dim", 32,
+                                          "--adaptive-input-cutoff", "20,40", "--adaptive-softmax-cutoff", "20,40",
+                                          "--adaptive-softmax-dropout", 0]
+TINY_LM = TINY_LM_SOFTMAX + ["--t2r-feature-dim", 8]
+TINY_WIKI103 = TINY_WIKI103_SOFTMAX + ["--t2r-feature-dim", 8]
 
 
 def write_corpus(directory, n_train=1500, n_valid=150, n_test=150, seed=0):
@@ -71,3 +80,16 @@ def run(cmd, cwd=None, check=True, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def save_checkpoint(path, model, model_cfg, task="language_modeling"):
+    """A checkpoint in fairseq's format (as fairseq's trainer writes it), without training."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True) if OmegaConf.is_config(model_cfg) \
+        else model_cfg
+    torch.save({"cfg": {"model": cfg, "task": {"_name": task}}, "model": model.state_dict(),
+                "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {}, "num_updates": 0}],
+                "extra_state": {"train_iterator": {"epoch": 1}}}, path)
+    return path
