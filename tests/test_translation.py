@@ -1,0 +1,252 @@
+"""The translation path: encoder-decoder T2R models (t2r_transformer).
+
+Model level: token-by-token decoding equals the full forward with left-padded sources (fairseq
+pads sources on the left), each sentence decoded inside a padded batch equals it decoded alone,
+and beam-search reordering of the state equals decoding the permuted batch; for T2R and for
+softmax cross-attention.
+
+CLI level, on a tiny parallel corpus made here (source: a sentence of Python's documentation,
+target: the same words reversed): fairseq-preprocess, a softmax teacher under fairseq-train,
+conversion by `--task t2r_translation --convert-from` and by `t2r-convert`, then fairseq-generate
+(beam 5) and fairseq-interactive, and batch-size invariance of the generated hypotheses.
+"""
+import random
+import re
+
+import pytest
+import torch
+
+import t2r_fairseq  # noqa: F401  (lets torch's safe loading read fairseq checkpoints, as the CLIs do)
+from helpers import USER_DIR, build_model, run
+
+TINY_MT_SOFTMAX = ["--encoder-layers", 2, "--decoder-layers", 2, "--encoder-embed-dim", 32,
+                   "--decoder-embed-dim", 32, "--encoder-ffn-embed-dim", 64, "--decoder-ffn-embed-dim", 64,
+                   "--encoder-attention-heads", 4, "--decoder-attention-heads", 4, "--dropout", 0]
+TINY_MT = TINY_MT_SOFTMAX + ["--t2r-feature-dim", 8]
+
+CASES = {
+    "t2r": TINY_MT,
+    "softmax_cross": TINY_MT + ["--t2r-cross-attention", "softmax"],
+    "elu": TINY_MT + ["--t2r-feature-map", "elu"],
+    "hybrid": TINY_MT + ["--t2r-softmax-layers", "0"],
+}
+VOCAB = 60
+
+
+def _model(case):
+    model, _ = build_model("t2r_transformer", CASES[case], vocab=VOCAB, task="translation")
+    return model
+
+
+def _left_padded_sources(lengths, pad, eos, seed=0):
+    """(batch, max_len) source tokens, each row padded on the left and ending in eos, as
+    fairseq's LanguagePairDataset collates them (left_pad_source=True)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), pad)
+    for i, n in enumerate(lengths):
+        src[i, -n:] = torch.randint(4, VOCAB, (n,), generator=g)
+        src[i, -1] = eos
+    return src, torch.tensor(lengths)
+
+
+def _targets(batch, time, eos, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tgt = torch.randint(4, VOCAB, (batch, time), generator=g)
+    tgt[:, 0] = eos  # prev_output_tokens start with eos, as in fairseq
+    return tgt
+
+
+def _log_probs(model, tokens, encoder_out, **kwargs):
+    return model.get_normalized_probs(model.decoder(tokens, encoder_out=encoder_out, **kwargs), log_probs=True)
+
+
+def _incremental(model, tokens, encoder_out, state=None, start=0):
+    state = {} if state is None else state
+    steps = [_log_probs(model, tokens[:, :t + 1], encoder_out, incremental_state=state)
+             for t in range(start, tokens.size(1))]
+    return torch.cat(steps, dim=1), state
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_incremental_decoding_equals_full_forward_with_left_padded_sources(case):
+    model = _model(case)
+    d = model.decoder.dictionary
+    src, lengths = _left_padded_sources([9, 5, 1, 7], d.pad(), d.eos())
+    tgt = _targets(4, 70, d.eos())  # crosses a chunk boundary (64) of the parallel form
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        full = _log_probs(model, tgt, enc)
+        steps, _ = _incremental(model, tgt, enc)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sentence_in_padded_batch_equals_sentence_alone(case):
+    """Source padding must not leak into cross-attention: what fairseq-generate's batch-size
+    invariance rests on."""
+    model = _model(case)
+    d = model.decoder.dictionary
+    lengths = [9, 5, 1, 7]
+    src, lens = _left_padded_sources(lengths, d.pad(), d.eos())
+    tgt = _targets(4, 12, d.eos())
+    with torch.no_grad():
+        batch = _incremental(model, tgt, model.encoder(src, src_lengths=lens))[0]
+        for i, n in enumerate(lengths):
+            alone = _incremental(model, tgt[i:i + 1], model.encoder(src[i:i + 1, -n:], src_lengths=lens[i:i + 1]))[0]
+            torch.testing.assert_close(batch[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+# Beam search (2 sentences x beam 3, rows grouped by sentence) reorders rows within a sentence,
+# duplicating some, and drops the rows of finished sentences. fairseq's softmax cross-attention
+# relies on that (its cached source keys are left alone when the batch size is unchanged); T2R's
+# cross-attention state is reordered like any other, so any order works for it.
+ORDERS = {"beam": [1, 1, 0, 5, 3, 3], "finished": [4, 4, 5], "any": [2, 0, 5, 5, 1, 3]}
+
+
+@pytest.mark.parametrize("case,order", [(c, o) for c in ("t2r", "softmax_cross", "hybrid") for o in ORDERS
+                                        if o != "any" or c != "softmax_cross"])
+def test_reorder_equals_decoding_permuted_batch(case, order):
+    model = _model(case)
+    d = model.decoder.dictionary
+    src, lengths = _left_padded_sources([6, 9], d.pad(), d.eos(), seed=2)
+    rows = torch.arange(2).repeat_interleave(3)  # sentence of each of the 6 hypotheses
+    tgt = _targets(6, 12, d.eos(), seed=3)
+    order = torch.tensor(ORDERS[order])
+    with torch.no_grad():
+        enc = model.encoder.reorder_encoder_out(model.encoder(src, src_lengths=lengths), rows)
+        _, state = _incremental(model, tgt[:, :6], enc)
+        # What fairseq's SequenceGenerator does between steps: reorder the decoder state and the
+        # encoder output alike.
+        model.decoder.reorder_incremental_state_scripting(state, order)
+        continued, _ = _incremental(model, tgt[order], model.encoder.reorder_encoder_out(enc, order),
+                                    state=state, start=6)
+        reference = _log_probs(model, tgt[order], model.encoder(src[rows[order]],
+                                                                src_lengths=lengths[rows[order]]))[:, 6:]
+    torch.testing.assert_close(continued, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_attention_state_is_computed_once_per_sentence():
+    """The cross-attention state over the source is cached at the first step: later steps must
+    not depend on the encoder output any more (it is the RNN's constant-size memory)."""
+    model = _model("t2r")
+    d = model.decoder.dictionary
+    src, lengths = _left_padded_sources([6, 4], d.pad(), d.eos())
+    tgt = _targets(2, 5, d.eos())
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        reference, _ = _incremental(model, tgt, enc)
+        state = {}
+        _log_probs(model, tgt[:, :1], enc, incremental_state=state)
+        garbage = {**enc, "encoder_out": [torch.randn_like(enc["encoder_out"][0])]}
+        rest, _ = _incremental(model, tgt, garbage, state=state, start=1)
+    torch.testing.assert_close(rest, reference[:, 1:], rtol=1e-4, atol=1e-4)
+
+
+# -- the user's workflow through fairseq's CLIs --------------------------------------------------
+TRAIN = ["--optimizer", "adam", "--lr", 3e-3, "--batch-size", 32, "--criterion", "label_smoothed_cross_entropy",
+         "--label-smoothing", 0.1, "--share-all-embeddings", "--no-epoch-checkpoints", "--cpu", "--num-workers", 0,
+         "--log-format", "simple", "--log-interval", 10, "--seed", 1]
+# fairseq's batch_by_size drops a last batch whose size is not a multiple of
+# --required-batch-size-multiple (default 8): generation would silently skip sentences.
+GENERATE = ["--user-dir", USER_DIR, "--beam", 5, "--required-batch-size-multiple", 1, "--cpu"]
+N_TEST = 21  # not a multiple of 8, so the flag above matters
+
+
+def _write_parallel_corpus(directory, n_train=400, n_valid=40, n_test=N_TEST, seed=0):
+    """Source: a short line of Python's reference documentation; target: its words reversed.
+    Reversal is deterministic and needs cross-attention over the whole source."""
+    import pydoc_data.topics
+
+    lines = sorted({" ".join(line.split()).lower() for text in pydoc_data.topics.topics.values()
+                    for line in text.splitlines() if 3 < len(line.split()) <= 10})
+    random.Random(seed).shuffle(lines)
+    directory.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        chunk = lines[start:start + n]
+        start += n
+        (directory / f"{split}.src").write_text("\n".join(chunk) + "\n")
+        (directory / f"{split}.tgt").write_text("\n".join(" ".join(reversed(s.split())) for s in chunk) + "\n")
+    return directory
+
+
+def _hypotheses(output: str) -> dict:
+    """{sentence id: (score, hypothesis)} from fairseq-generate/-interactive's H- lines."""
+    found = re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", output, flags=re.M)
+    return {int(i): (float(score), hyp) for i, score, hyp in found}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mt")
+    raw = _write_parallel_corpus(root / "raw")
+    # Rare words become <unk>: a small joined vocabulary keeps the tiny run fast.
+    run(["fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", raw / "train",
+         "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", root / "bin",
+         "--joined-dictionary", "--thresholdsrc", 2, "--workers", 1])
+    run(["fairseq-train", root / "bin", "--task", "translation", "--arch", "transformer", *TINY_MT_SOFTMAX,
+         *TRAIN, "--max-update", 30, "--save-dir", root / "softmax", "--disable-validation"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def finetuned(workdir):
+    """Converted by the task (--convert-from) and finetuned a few updates, validating on the way."""
+    proc = run(["fairseq-train", workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_translation",
+                "--convert-from", workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_transformer", *TINY_MT,
+                *TRAIN, "--max-update", 6, "--save-dir", workdir / "t2r"])
+    return workdir / "t2r/checkpoint_last.pt", proc.stdout + proc.stderr
+
+
+def test_convert_from_finetunes_and_generates(workdir, finetuned):
+    checkpoint, log = finetuned
+    assert re.search(r"converted .*: reused \d+ tensors, 8 new", log), log[-3000:]
+    assert "decoder.layers.1.encoder_attn.feature_map.weight" in log
+    assert re.search(r"valid on 'valid' subset \| loss [0-9.]+", log), log[-3000:]
+    state = torch.load(checkpoint)  # safe loading (the plugin allows fairseq's Namespace)
+    teacher = torch.load(workdir / "softmax/checkpoint_last.pt")
+    assert state["cfg"]["model"].arch == "t2r_transformer" and teacher["cfg"]["model"].arch == "transformer"
+    hyps = _hypotheses(run(["fairseq-generate", workdir / "bin", "--path", checkpoint, *GENERATE,
+                            "--batch-size", 64, "--gen-subset", "test"]).stdout)
+    assert sorted(hyps) == list(range(N_TEST))
+    assert all(hyp.strip() for _, hyp in hyps.values())
+
+
+def test_generation_is_batch_size_invariant(workdir, finetuned):
+    """Left-padded sources in a batch of 64 must give exactly the hypotheses of batch size 1."""
+    checkpoint, _ = finetuned
+    one, many = (_hypotheses(run(["fairseq-generate", workdir / "bin", "--path", checkpoint, *GENERATE,
+                                  "--batch-size", bs, "--gen-subset", "test"]).stdout) for bs in (1, 64))
+    assert sorted(one) == sorted(many) == list(range(N_TEST))
+    assert {i: h for i, (_, h) in one.items()} == {i: h for i, (_, h) in many.items()}
+    for i in one:
+        assert abs(one[i][0] - many[i][0]) < 1e-3, (i, one[i], many[i])
+
+
+def test_interactive_translates_input_lines(workdir, finetuned):
+    checkpoint, _ = finetuned
+    lines = ["the value of the expression", "return a new list"]
+    source = workdir / "interactive.src"
+    source.write_text("\n".join(lines) + "\n")
+    out = run(["fairseq-interactive", workdir / "bin", "--path", checkpoint, *GENERATE, "--input", source,
+               "--source-lang", "src", "--target-lang", "tgt"]).stdout
+    assert re.findall(r"^S-\d+\t(.*)$", out, flags=re.M) == lines
+    assert sorted(_hypotheses(out)) == [0, 1]
+
+
+@pytest.mark.parametrize("cross", ["t2r", "softmax"])
+def test_offline_converter_then_generate(workdir, cross):
+    out_path = workdir / f"offline/{cross}.pt"
+    run(["t2r-convert", "--input", workdir / "softmax/checkpoint_last.pt", "--output", out_path,
+         "--t2r-cross-attention", cross])
+    teacher = torch.load(workdir / "softmax/checkpoint_last.pt")["model"]
+    converted = torch.load(out_path)
+    roles = ("self_attn", "encoder_attn") if cross == "t2r" else ("self_attn",)
+    assert set(converted["model"]) - set(teacher) == {f"decoder.layers.{i}.{role}.feature_map.{p}" for i in range(2)
+                                                      for role in roles for p in ("weight", "bias")}
+    for name, value in teacher.items():
+        torch.testing.assert_close(converted["model"][name], value, rtol=0, atol=0)
+    assert converted["cfg"]["model"].t2r_cross_attention == cross
+    hyps = _hypotheses(run(["fairseq-generate", workdir / "bin", "--path", out_path, *GENERATE,
+                            "--batch-size", 16, "--gen-subset", "test"]).stdout)
+    assert sorted(hyps) == list(range(N_TEST))
