@@ -25,10 +25,11 @@ from .feature_maps import FEATURE_MAPS
 class T2RConfig(FairseqDataclass):
     t2r_feature_map: ChoiceEnum(FEATURE_MAPS) = field(
         default="t2r", metadata={"help": "feature map phi: t2r = relu(Wx+b) learned (the paper's), "
-                                         "elu = elu(x)+1, rfa = random Fourier features"})
+                                         "elu = elu(x)+1, rfa = random Fourier features, hedgehog = "
+                                         "softmax(+-(Wx+b)) learned, performer = positive random features"})
     t2r_feature_dim: int = field(
-        default=32, metadata={"help": "feature size k per head (t2r: rows of W; rfa: random projections, "
-                                      "2k features; elu ignores it: k = head dim)"})
+        default=32, metadata={"help": "feature size k per head (t2r: rows of W; rfa, hedgehog: 2k features; "
+                                      "performer: k random features; elu ignores it: k = head dim)"})
     t2r_chunk_size: int = field(
         default=64, metadata={"help": "chunk length of the parallel causal form (speed/memory only)"})
     t2r_softmax_layers: str = field(

@@ -26,6 +26,8 @@ CASES = {
     "t2r": ("t2r_lm", TINY_LM),
     "elu": ("t2r_lm", TINY_LM + ["--t2r-feature-map", "elu"]),
     "rfa": ("t2r_lm", TINY_LM + ["--t2r-feature-map", "rfa"]),
+    "hedgehog": ("t2r_lm", TINY_LM + ["--t2r-feature-map", "hedgehog"]),
+    "performer": ("t2r_lm", TINY_LM + ["--t2r-feature-map", "performer"]),
     "hybrid": ("t2r_lm", TINY_LM + ["--t2r-softmax-layers", "1"]),
     "wiki103_adaptive": ("t2r_lm_wiki103", TINY_WIKI103),
 }
