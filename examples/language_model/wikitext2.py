@@ -95,7 +95,7 @@ def main(argv=None):
     p.add_argument("--work", type=pathlib.Path, default=ROOT / "runs/wikitext2")
     p.add_argument("--results", type=pathlib.Path, default=ROOT / "results/wikitext2.json")
     p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--teacher-updates", type=int, default=1200)
+    p.add_argument("--teacher-updates", type=int, default=600)
     p.add_argument("--finetune-fraction", type=float, default=0.25)
     p.add_argument("--tokens-per-sample", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=2048)
@@ -142,7 +142,8 @@ def main(argv=None):
         # Validation on a slice of valid only traces the curve; the reported numbers come from
         # fairseq-eval-lm on the full splits.
         sh(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup), "--max-update", str(updates),
-            "--save-dir", save, "--validate-interval-updates", str(max(1, updates // 4)), "--max-valid-steps", "25"],
+            "--save-dir", save, "--validate-interval-updates", str(max(1, updates // 4)), "--max-valid-steps", "25",
+            "--save-interval-updates", str(max(1, updates // 6)), "--keep-interval-updates", "1"],
            args.work / f"logs/{name}.train.log")
         minutes = (time.time() - start) / 60
         row = {"updates": updates, "minutes": round(minutes, 1)}
