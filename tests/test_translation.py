@@ -198,7 +198,15 @@ def finetuned(workdir):
     return workdir / "t2r/checkpoint_last.pt", proc.stdout + proc.stderr
 
 
-def test_convert_from_finetunes_and_generates(workdir, finetuned):
+@pytest.fixture(scope="module")
+def generated(workdir, finetuned):
+    """fairseq-generate (beam 5) on the test split at batch size 64 and 1: {batch size: hypotheses}."""
+    checkpoint, _ = finetuned
+    return {bs: _hypotheses(run(["fairseq-generate", workdir / "bin", "--path", checkpoint, *GENERATE,
+                                 "--batch-size", bs, "--gen-subset", "test"]).stdout) for bs in (64, 1)}
+
+
+def test_convert_from_finetunes_and_generates(workdir, finetuned, generated):
     checkpoint, log = finetuned
     assert re.search(r"converted .*: reused \d+ tensors, 8 new", log), log[-3000:]
     assert "decoder.layers.1.encoder_attn.feature_map.weight" in log
@@ -206,17 +214,14 @@ def test_convert_from_finetunes_and_generates(workdir, finetuned):
     state = torch.load(checkpoint)  # safe loading (the plugin allows fairseq's Namespace)
     teacher = torch.load(workdir / "softmax/checkpoint_last.pt")
     assert state["cfg"]["model"].arch == "t2r_transformer" and teacher["cfg"]["model"].arch == "transformer"
-    hyps = _hypotheses(run(["fairseq-generate", workdir / "bin", "--path", checkpoint, *GENERATE,
-                            "--batch-size", 64, "--gen-subset", "test"]).stdout)
+    hyps = generated[64]
     assert sorted(hyps) == list(range(N_TEST))
     assert all(hyp.strip() for _, hyp in hyps.values())
 
 
-def test_generation_is_batch_size_invariant(workdir, finetuned):
+def test_generation_is_batch_size_invariant(generated):
     """Left-padded sources in a batch of 64 must give exactly the hypotheses of batch size 1."""
-    checkpoint, _ = finetuned
-    one, many = (_hypotheses(run(["fairseq-generate", workdir / "bin", "--path", checkpoint, *GENERATE,
-                                  "--batch-size", bs, "--gen-subset", "test"]).stdout) for bs in (1, 64))
+    one, many = generated[1], generated[64]
     assert sorted(one) == sorted(many) == list(range(N_TEST))
     assert {i: h for i, (_, h) in one.items()} == {i: h for i, (_, h) in many.items()}
     for i in one:
@@ -234,19 +239,53 @@ def test_interactive_translates_input_lines(workdir, finetuned):
     assert sorted(_hypotheses(out)) == [0, 1]
 
 
-@pytest.mark.parametrize("cross", ["t2r", "softmax"])
-def test_offline_converter_then_generate(workdir, cross):
-    out_path = workdir / f"offline/{cross}.pt"
-    run(["t2r-convert", "--input", workdir / "softmax/checkpoint_last.pt", "--output", out_path,
-         "--t2r-cross-attention", cross])
-    teacher = torch.load(workdir / "softmax/checkpoint_last.pt")["model"]
+def _check_converted(teacher_path, out_path, roles):
+    teacher = torch.load(teacher_path)["model"]
     converted = torch.load(out_path)
-    roles = ("self_attn", "encoder_attn") if cross == "t2r" else ("self_attn",)
     assert set(converted["model"]) - set(teacher) == {f"decoder.layers.{i}.{role}.feature_map.{p}" for i in range(2)
                                                       for role in roles for p in ("weight", "bias")}
     for name, value in teacher.items():
         torch.testing.assert_close(converted["model"][name], value, rtol=0, atol=0)
-    assert converted["cfg"]["model"].t2r_cross_attention == cross
+    return converted
+
+
+def test_offline_converter_then_generate(workdir):
+    out_path = workdir / "offline/t2r.pt"
+    result = run(["t2r-convert", "--input", workdir / "softmax/checkpoint_last.pt", "--output", out_path])
+    assert "8 new tensors" in result.stdout + result.stderr
+    converted = _check_converted(workdir / "softmax/checkpoint_last.pt", out_path, ("self_attn", "encoder_attn"))
+    assert converted["cfg"]["model"].arch == "t2r_transformer"
     hyps = _hypotheses(run(["fairseq-generate", workdir / "bin", "--path", out_path, *GENERATE,
                             "--batch-size", 16, "--gen-subset", "test"]).stdout)
     assert sorted(hyps) == list(range(N_TEST))
+
+
+def test_offline_converter_softmax_cross_attention_loads_and_beam_searches(workdir):
+    """--t2r-cross-attention softmax: the checkpoint loads under fairseq's own loader, and beam search
+    (fairseq's SequenceGenerator) gives each sentence the same hypothesis in a padded batch as alone.
+    In-process: the CLI path is the one test_offline_converter_then_generate runs."""
+    from fairseq import checkpoint_utils
+    from fairseq.modules import MultiheadAttention
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from t2r_fairseq.attention import T2RAttention
+    from t2r_fairseq.convert import main as convert_main
+
+    out_path = workdir / "offline/softmax_cross.pt"
+    assert convert_main(["--input", str(workdir / "softmax/checkpoint_last.pt"), "--output", str(out_path),
+                         "--t2r-cross-attention", "softmax"]) == 0
+    _check_converted(workdir / "softmax/checkpoint_last.pt", out_path, ("self_attn",))
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([str(out_path)],
+                                                                    arg_overrides={"data": str(workdir / "bin")})
+    model = models[0].eval()
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.encoder_attn, MultiheadAttention) and isinstance(layer.self_attn, T2RAttention)
+    task.load_dataset("test")
+    data = task.dataset("test")
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=5)
+    with torch.no_grad():
+        sample = data.collater([data[i] for i in range(N_TEST)])  # sorted by length, left-padded
+        batch = dict(zip(sample["id"].tolist(), generator.generate([model], sample)))
+        for i in range(0, N_TEST, 3):  # a third of them alone keeps the test quick
+            alone = generator.generate([model], data.collater([data[i]]))
+            assert torch.equal(alone[0][0]["tokens"], batch[i][0]["tokens"]), i
