@@ -1,0 +1,230 @@
+"""Swap-then-finetune on Multi30k (EN-DE image captions) at CPU scale.
+
+    python examples/translation/multi30k.py --data ../shared/data/multi30k
+
+Rows: a softmax transformer teacher; T2R (relu feature map, the paper's) and ELU+1 converted from
+it with `--task t2r_translation --convert-from` and finetuned for a fraction of the teacher's
+updates. Each row: detokenized sacreBLEU on test_2016_flickr (beam 5) and fairseq-generate's own
+sentences/s. Results accumulate in results/multi30k.json after every row, so an interrupted run
+continues where it stopped (`--force ROW` reruns one).
+
+Text goes through one joint sentencepiece BPE model (no Moses tokenization), so fairseq-generate
+`--remove-bpe sentencepiece` gives detokenized text that sacreBLEU scores against the raw
+references. Every size is a flag; a test runs this script with a few hundred sentences.
+"""
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+USER_DIR = str(ROOT / "t2r_fairseq")
+BIN = pathlib.Path(sys.executable).parent
+SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sh(cmd, log_path, commands=None):
+    """Run a command with its output in log_path; on failure show its tail and stop."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [str(c) for c in cmd]
+    if commands is not None:
+        commands.append(shlex.join(cmd))
+    if (BIN / cmd[0]).exists():
+        cmd[0] = str(BIN / cmd[0])
+    with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    text = log_path.read_text()
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{text[-3000:]}\n(full log: {log_path})")
+    return text
+
+
+def read_lines(path, limit=None):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return lines[:limit] if limit else lines
+
+
+def prepare(args, commands):
+    """Joint sentencepiece BPE on both sides of train, encode, fairseq-preprocess --joined-dictionary."""
+    import sentencepiece as spm
+
+    work, bin_dir = args.work, args.work / "bin"
+    if (bin_dir / f"dict.{args.src}.txt").exists():
+        return bin_dir
+    spm_dir = work / "spm"
+    spm_dir.mkdir(parents=True, exist_ok=True)
+    limits = {"train": args.train_lines, "valid": args.valid_lines, "test": args.test_lines}
+    joint = spm_dir / "train.joint"
+    joint.write_text("\n".join(read_lines(args.data / f"train.{args.src}", args.train_lines)
+                               + read_lines(args.data / f"train.{args.tgt}", args.train_lines)) + "\n",
+                     encoding="utf-8")
+    log(f"sentencepiece BPE, joint vocabulary {args.vocab}")
+    # A tiny corpus cannot fill a large vocabulary; hard_vocab_limit=False takes what there is.
+    spm.SentencePieceTrainer.train(input=str(joint), model_prefix=str(spm_dir / "spm"), vocab_size=args.vocab,
+                                   model_type="bpe", character_coverage=1.0, hard_vocab_limit=False,
+                                   bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, num_threads=2)
+    commands.append(f"sentencepiece: spm_train --model_type bpe --vocab_size {args.vocab} "
+                    f"--character_coverage 1.0 on train.{args.src} + train.{args.tgt}")
+    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spm.model"))
+    for split, name in SPLITS.items():
+        for lang in (args.src, args.tgt):
+            lines = read_lines(args.data / f"{name}.{lang}", limits[split])
+            (spm_dir / f"{split}.{lang}").write_text(
+                "\n".join(" ".join(sp.encode(line.strip(), out_type=str)) for line in lines) + "\n",
+                encoding="utf-8")
+    log("fairseq-preprocess --joined-dictionary")
+    sh(["fairseq-preprocess", "--source-lang", args.src, "--target-lang", args.tgt, "--trainpref",
+        spm_dir / "train", "--validpref", spm_dir / "valid", "--testpref", spm_dir / "test", "--destdir", bin_dir,
+        "--joined-dictionary", "--workers", "2"], work / "logs/preprocess.log", commands)
+    return bin_dir
+
+
+def model_args(args):
+    return ["--encoder-layers", args.layers, "--decoder-layers", args.layers, "--encoder-embed-dim", args.embed_dim,
+            "--decoder-embed-dim", args.embed_dim, "--encoder-ffn-embed-dim", args.ffn_dim,
+            "--decoder-ffn-embed-dim", args.ffn_dim, "--encoder-attention-heads", args.heads,
+            "--decoder-attention-heads", args.heads, "--share-all-embeddings", "--dropout", args.dropout]
+
+
+def train_args(args, updates, lr, warmup, minutes):
+    return ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0", "--lr", lr,
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup, "--warmup-init-lr", "1e-07",
+            "--weight-decay", "0.0001", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+            "--max-tokens", args.max_tokens, "--max-update", updates,
+            # A wall-clock cap as well: the CPU is shared, so updates/s varies between runs.
+            "--stop-time-hours", f"{minutes / 60:.4f}",
+            "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", "50",
+            "--no-epoch-checkpoints", "--seed", "1"]
+
+
+def generate(args, bin_dir, checkpoint, name, commands):
+    """Beam-5 fairseq-generate on the test split -> (detokenized hypotheses in order, sentences/s)."""
+    text = sh(["fairseq-generate", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", "test",
+               "--beam", "5", "--batch-size", args.gen_batch_size, "--remove-bpe", "sentencepiece", "--cpu",
+               # fairseq drops a last batch that is not a multiple of this (default 8): keep every sentence.
+               "--required-batch-size-multiple", "1"], args.work / f"logs/{name}.generate.log", commands)
+    hyps = dict(re.findall(r"^D-(\d+)\t\S+\t(.*)$", text, flags=re.M))
+    n = len(read_lines(args.data / f"{SPLITS['test']}.{args.src}", args.test_lines))
+    if len(hyps) != n:
+        sys.exit(f"{name}: fairseq-generate produced {len(hyps)} hypotheses for {n} test sentences")
+    speed = re.findall(r"Translated ([\d,]+) sentences .* \(([0-9.]+) sentences/s", text)
+    return [hyps[str(i)] for i in range(n)], float(speed[-1][1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data", nargs="?", type=pathlib.Path, default=ROOT.parent / "shared/data/multi30k",
+                   help="Multi30k folder with train/val/test_2016_flickr .en/.de (default: %(default)s)")
+    p.add_argument("--data", dest="data_flag", type=pathlib.Path, default=None, help="same as the positional")
+    p.add_argument("--work", type=pathlib.Path, default=ROOT / "runs/multi30k")
+    p.add_argument("--results", type=pathlib.Path, default=ROOT / "results/multi30k.json")
+    p.add_argument("--src", default="en")
+    p.add_argument("--tgt", default="de")
+    p.add_argument("--train-lines", type=int, default=None, help="use only the first N training pairs")
+    p.add_argument("--valid-lines", type=int, default=None)
+    p.add_argument("--test-lines", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=8000, help="joint sentencepiece BPE vocabulary")
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--ffn-dim", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.3)
+    p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--teacher-updates", type=int, default=2500)
+    p.add_argument("--teacher-minutes", type=float, default=25.0, help="wall-clock cap on teacher training")
+    p.add_argument("--finetune-updates", type=int, default=600)
+    p.add_argument("--finetune-minutes", type=float, default=8.0, help="wall-clock cap per finetuning")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--gen-batch-size", type=int, default=128)
+    p.add_argument("--rows", default="teacher,t2r_pretrain,elu_pretrain", help="comma-separated rows to run")
+    p.add_argument("--force", default="", help="comma-separated rows to rerun even if recorded")
+    args = p.parse_args(argv)
+    args.data = args.data_flag or args.data
+    for name in SPLITS.values():
+        for lang in (args.src, args.tgt):
+            if not (args.data / f"{name}.{lang}").is_file():
+                sys.exit(f"error: {args.data} has no {name}.{lang} (pass the Multi30k folder as the first argument)")
+
+    import sacrebleu
+
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    # Commands of rows recorded by an earlier invocation stay listed.
+    commands = list(results.get("setup", {}).get("commands", []))
+    commands.append(f"python examples/translation/multi30k.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    bin_dir = prepare(args, commands)
+    references = read_lines(args.data / f"{SPLITS['test']}.{args.tgt}", args.test_lines)
+    teacher_ckpt = args.work / "teacher/checkpoint_last.pt"
+    task = ["--task", "translation", "--source-lang", args.src, "--target-lang", args.tgt]
+    t2r = ["--user-dir", USER_DIR, "--task", "t2r_translation", "--source-lang", args.src, "--target-lang", args.tgt,
+           "--arch", "t2r_transformer", "--t2r-feature-dim", args.feature_dim, "--convert-from", teacher_ckpt]
+    rows = {
+        "teacher": (task + ["--arch", "transformer"], args.teacher_updates, args.teacher_minutes, args.lr),
+        "t2r_pretrain": (t2r, args.finetune_updates, args.finetune_minutes, args.finetune_lr),
+        "elu_pretrain": (t2r + ["--t2r-feature-map", "elu"], args.finetune_updates, args.finetune_minutes,
+                         args.finetune_lr),
+    }
+    force = set(filter(None, args.force.split(",")))
+    for name in filter(None, args.rows.split(",")):
+        if name not in rows:
+            sys.exit(f"error: unknown row {name!r}; rows are {', '.join(rows)}")
+        if name in results and name not in force:
+            log(f"{name}: recorded already (--force {name} reruns it)")
+            continue
+        extra, updates, minutes, lr = rows[name]
+        if name != "teacher" and not teacher_ckpt.exists():
+            sys.exit(f"error: {name} converts the teacher; run the teacher row first ({teacher_ckpt} is missing)")
+        save = args.work / name
+        for old in save.glob("checkpoint*.pt"):
+            old.unlink()  # a fresh run, not a resume of an earlier one
+        log(f"{name}: fairseq-train, up to {updates} updates / {minutes} min")
+        start = time.time()
+        warmup = min(args.warmup, max(1, updates // 5))
+        text = sh(["fairseq-train", bin_dir, *extra, *model_args(args),
+                   *train_args(args, updates, lr, warmup, minutes), "--save-dir", save],
+                  args.work / f"logs/{name}.train.log", commands)
+        done = re.findall(r"num_updates[ =](\d+)", text)
+        valid = re.findall(r"valid on 'valid' subset \| loss ([0-9.]+) \| nll_loss ([0-9.]+)", text)
+        hyps, speed = generate(args, bin_dir, save / "checkpoint_last.pt", name, commands)
+        (args.work / f"{name}.test.{args.tgt}").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        bleu = sacrebleu.corpus_bleu(hyps, [references])
+        row = {"bleu": round(bleu.score, 2), "sentences_per_s": speed, "updates": int(done[-1]) if done else 0,
+               "train_minutes": round((time.time() - start) / 60, 1),
+               "valid_nll_loss": float(valid[-1][1]) if valid else None, "sacrebleu": str(bleu)}
+        if name != "teacher":
+            row["feature_map"] = "elu" if "elu" in extra else "t2r"
+        log(f"{name}: {row}")
+        results = json.loads(args.results.read_text()) if args.results.exists() else {}
+        results[name] = row
+        results["setup"] = {
+            "commands": list(dict.fromkeys(commands)),
+            "model": f"transformer {args.layers} layers x {args.embed_dim} (ffn {args.ffn_dim}, {args.heads} heads), "
+                     f"shared embeddings, joint sentencepiece BPE {args.vocab}, {args.src}->{args.tgt}; "
+                     f"T2R feature size {args.feature_dim}",
+            "eval": "fairseq-generate --beam 5 --remove-bpe sentencepiece on test_2016_flickr, sacreBLEU "
+                    f"{sacrebleu.__version__} (13a, detokenized); sentences/s as fairseq-generate reports it "
+                    f"(batch size {args.gen_batch_size}, CPU)",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with "
+                       f"other jobs), torch CPU",
+            "date": datetime.date.today().isoformat(),
+        }
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"results in {args.results}")
+
+
+if __name__ == "__main__":
+    main()
