@@ -7,4 +7,4 @@ from .checkpoints import allow_fairseq_checkpoints
 
 allow_fairseq_checkpoints()
 
-from . import models, tasks  # noqa: E402,F401  (registration side effects)
+from . import criterions, models, tasks  # noqa: E402,F401  (registration side effects)

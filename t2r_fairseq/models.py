@@ -106,6 +106,10 @@ class T2RDecoder(TransformerDecoder):
             layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
         return fsdp_wrap(layer, min_num_params=0 if cfg.checkpoint_activations else cfg.min_params_to_wrap)
 
+    def set_num_updates(self, num_updates):
+        # Kept for schedules that depend on training progress (the attention-transfer criterion).
+        self.num_updates = num_updates
+
     def buffered_future_mask(self, tensor):
         # T2R layers are causal by construction: only softmax layers need the T x T mask.
         return super().buffered_future_mask(tensor) if self.softmax_layers else None

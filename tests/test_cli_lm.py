@@ -101,3 +101,24 @@ def test_shape_mismatch_names_parameter_and_shapes(workdir):
                 "--max-update", 1, "--save-dir", workdir / "bad"], check=False)
     assert proc.returncode != 0
     assert re.search(r"fc1\.weight: checkpoint \(64, 32\) vs model \(48, 32\)", proc.stderr), proc.stderr[-2000:]
+
+
+def test_attention_transfer_trains_only_feature_maps_first(workdir):
+    save = workdir / "transfer"
+    out = run(["fairseq-train", workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
+               "--convert-from", workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *MODEL,
+               *[a for a in TRAIN if a not in ("--criterion", "adaptive_loss")], "--criterion",
+               "t2r_attention_transfer", "--attention-transfer-only-updates", 4, "--max-update", 4,
+               "--save-dir", save, "--log-interval", 1])
+    log = out.stdout + out.stderr
+    transfer = [float(x) for x in re.findall(r"transfer_loss=([0-9.]+)", log)]
+    assert len(transfer) == 4 and all(0 < t < 10 for t in transfer), log[-3000:]  # logged every update
+    student = torch.load(save / "checkpoint_last.pt", weights_only=False)["model"]
+    teacher = torch.load(workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
+    for name, value in teacher.items():  # everything but the feature maps is still the teacher's
+        torch.testing.assert_close(student[name], value, rtol=0, atol=0)
+    fresh = torch.load(workdir / "t2r0/checkpoint_last.pt", weights_only=False)["model"] \
+        if (workdir / "t2r0/checkpoint_last.pt").exists() else None
+    if fresh is not None:  # same seed, same init: the feature maps moved
+        assert not torch.equal(student["decoder.layers.0.self_attn.feature_map.weight"],
+                               fresh["decoder.layers.0.self_attn.feature_map.weight"])
