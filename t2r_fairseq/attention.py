@@ -5,7 +5,8 @@ v_proj, out_proj: a softmax checkpoint loads by name), same forward contract on
 (time, batch, channel) tensors returning (out, None).
 
 Two roles:
-- causal self-attention (decoder): decode state is (S, z) per layer, batch-first, constant size;
+- causal self-attention (decoder): decode state is (S, z) per layer, packed as one tensor
+  [S | z] of (batch, heads, features, head_dim + 1), batch-first, constant size;
 - cross-attention (encoder-decoder): the state over the whole source is computed once per
   sentence and cached; padded source positions are zeroed in phi(k) and contribute nothing.
 """
@@ -16,8 +17,8 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
 from .feature_maps import T2RFeatureMap, build_feature_map
-from .linear_attention import (DEFAULT_CHUNK_SIZE, causal_linear_attention, linear_attention_read,
-                               linear_attention_state, linear_attention_step)
+from .linear_attention import (DEFAULT_CHUNK_SIZE, accumulation_dtype, causal_linear_attention, linear_attention_read,
+                               linear_attention_state, pack_state, packed_linear_attention_step, unpack_state)
 
 
 @with_incremental_state
@@ -41,7 +42,10 @@ class T2RAttention(nn.Module):
         # Fold the T2R feature map into q/k/v_proj (one matmul, see _fused_projection); False runs
         # the textbook form (projections, then feature map), which tests compare against.
         self.fold_feature_map = True
-        self._fused = None  # inference cache of the fused projection
+        # Stream scoring (score_stream.py): the parallel form starts from the state the previous
+        # block left and keeps its own final state, so context is unbounded at constant cost.
+        self.carry_state = False
+        self.carried_state = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -78,7 +82,7 @@ class T2RAttention(nn.Module):
         attn_mask is ignored: self-attention is causal by construction. No attention weights exist
         to return, so the second output is always None."""
         if self._folds(query, key, value):
-            q, k, v = self._fused_qkv(query, key_padding_mask)
+            q, k, v = self._fused_qkv(query, key_padding_mask, incremental_state)
         else:
             q = self.feature_map(self._heads(self.q_proj(query)))
             if self.cross_attention:
@@ -87,17 +91,27 @@ class T2RAttention(nn.Module):
             k = self._keys(query if key is None else key, key_padding_mask)
             v = self._heads(self.v_proj(query if value is None else value))
         if incremental_state is None:
-            out, _ = causal_linear_attention(q, k, v, chunk_size=self.chunk_size)
+            out, final = causal_linear_attention(q, k, v, chunk_size=self.chunk_size,
+                                                 initial_state=self.carried_state if self.carry_state else None)
+            if self.carry_state:
+                self.carried_state = (final[0].detach(), final[1].detach())
             return self._merge(out), None
-        saved = self._get_input_buffer(incremental_state)
-        old = (saved["S"], saved["z"]) if "S" in saved else None
+        # Decoding keeps the packed state [S | z] (see packed_linear_attention_step), which needs
+        # v1 = [v | 1]: the fused projection emits the ones column, other paths append it.
+        if v.size(-1) == self.head_dim:
+            v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+        old = self._get_input_buffer(incremental_state).get("Sz")
         if q.size(2) == 1:
+            if old is None:
+                old = q.new_zeros(*q.shape[:2], q.size(-1), v.size(-1), dtype=accumulation_dtype(q))
             # No autograd during generation: update the cached state in place, no allocation.
-            out, state = linear_attention_step(q, k, v, old, inplace=not torch.is_grad_enabled())
+            out, state = packed_linear_attention_step(q, k, v, old, inplace=not torch.is_grad_enabled())
         else:
-            out, state = causal_linear_attention(q, k, v, initial_state=old, chunk_size=self.chunk_size)
-        if old is None or state[0] is not old[0] or state[1] is not old[1]:
-            self._set_input_buffer(incremental_state, {"S": state[0], "z": state[1]})
+            out, final = causal_linear_attention(q, k, v[..., :-1], chunk_size=self.chunk_size,
+                                                 initial_state=None if old is None else unpack_state(old))
+            state = pack_state(final)
+        if state is not old:
+            self._set_input_buffer(incremental_state, {"Sz": state})
         return self._merge(out), None
 
     # -- T2R self-attention: feature map folded into the projections, q/k/v in one matmul ----
@@ -107,27 +121,27 @@ class T2RAttention(nn.Module):
         return (self.fold_feature_map and not self.cross_attention and isinstance(self.feature_map, T2RFeatureMap)
                 and (key is None or key is query) and (value is None or value is query))
 
-    def _fused_projection(self) -> Tuple[Tensor, Tensor]:
+    def _fused_projection(self, incremental_state) -> Tuple[Tensor, Tensor]:
         """(weight, bias) with x @ weight.T + bias = [W q(x) + b | W k(x) + b | v(x)] per head:
         the map phi(y) = relu(W y + b) folds into a projection as
         W (W_q x + b_q) + b = (W W_q) x + (W b_q + b), and W has feature_dim < head_dim rows per
         head, so the fused matmul does less work than q_proj and k_proj alone.
 
-        With autograd on it is rebuilt on every call (cheap: no token dimension) so gradients
-        reach W, W_q and W_k exactly as in the unfused form. Without autograd (generation,
-        validation) it is built once and cached; any change to a parameter's storage or in-place
-        version counter (optimizer step, load_state_dict, .to(), .half()) rebuilds it. The cache
-        keeps the old storages alive, so a new storage cannot reuse a cached address."""
-        params = (self.q_proj.weight, self.q_proj.bias, self.k_proj.weight, self.k_proj.bias,
-                  self.v_proj.weight, self.v_proj.bias, self.feature_map.weight, self.feature_map.bias)
-        if torch.is_grad_enabled():
-            return self._fold()
-        if self._fused is None or any(p.data_ptr() != old.data_ptr() or p._version != version
-                                      for p, (old, version) in zip(params, self._fused[0])):
-            self._fused = ([(p.detach(), p._version) for p in params], *self._fold())
-        return self._fused[1], self._fused[2]
+        With autograd on it is folded on every call, so gradients reach W, W_q and W_k exactly as
+        in the unfused form. Without autograd, decoding folds once per run and keeps the result in
+        that run's incremental_state: weights cannot change in the middle of a generation, and a
+        new generation (a new incremental_state) folds the current weights, so no cache can go
+        stale (fairseq's optimizers update .data, which no version counter sees)."""
+        if incremental_state is None or torch.is_grad_enabled():
+            return self._fold(ones_column=incremental_state is not None)
+        fused = self.get_incremental_state(incremental_state, "t2r_fused")
+        if fused is None:
+            weight, bias = self._fold(ones_column=True)
+            fused = {"weight": weight, "bias": bias}
+            self.set_incremental_state(incremental_state, "t2r_fused", fused)
+        return fused["weight"], fused["bias"]
 
-    def _fold(self) -> Tuple[Tensor, Tensor]:
+    def _fold(self, ones_column: bool) -> Tuple[Tensor, Tensor]:
         dtype = self.v_proj.weight.dtype
         acc = torch.promote_types(dtype, torch.float32)  # fold half-precision weights in float32
         fm_w, fm_b = self.feature_map.weight.to(acc), self.feature_map.bias.to(acc)
@@ -139,16 +153,24 @@ class T2RAttention(nn.Module):
                     (torch.einsum("hfd,hd->hf", fm_w, b) + fm_b).flatten())
 
         (wq, bq), (wk, bk) = fold(self.q_proj), fold(self.k_proj)
-        return (torch.cat([wq.to(dtype), wk.to(dtype), self.v_proj.weight]),
-                torch.cat([bq.to(dtype), bk.to(dtype), self.v_proj.bias]))
+        wv, bv = self.v_proj.weight, self.v_proj.bias
+        if ones_column:
+            # One more output per head that is always 1 (zero weights, bias 1): v1 = [v | 1].
+            wv = wv.view(self.num_heads, self.head_dim, -1)
+            wv = torch.cat([wv, wv.new_zeros(self.num_heads, 1, wv.size(-1))], dim=1).flatten(0, 1)
+            bv = bv.view(self.num_heads, self.head_dim)
+            bv = torch.cat([bv, bv.new_ones(self.num_heads, 1)], dim=1).flatten()
+        return torch.cat([wq.to(dtype), wk.to(dtype), wv]), torch.cat([bq.to(dtype), bk.to(dtype), bv])
 
-    def _fused_qkv(self, query: Tensor, key_padding_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-        """phi(q), phi(k), v from one matmul, each (batch, heads, time, .) like the unfused path."""
-        weight, bias = self._fused_projection()
+    def _fused_qkv(self, query: Tensor, key_padding_mask: Optional[Tensor],
+                   incremental_state) -> Tuple[Tensor, Tensor, Tensor]:
+        """phi(q), phi(k), v from one matmul, each (batch, heads, time, .) like the unfused path;
+        when decoding, v carries the ones column: (batch, heads, time, head_dim + 1)."""
+        weight, bias = self._fused_projection(incremental_state)
         qkv = nn.functional.linear(query, weight, bias)
         n_feat = self.num_heads * self.feature_map.feature_dim
         torch.relu_(qkv[..., :2 * n_feat])
-        q, k, v = (self._heads(t) for t in qkv.split([n_feat, n_feat, self.embed_dim], dim=-1))
+        q, k, v = (self._heads(t) for t in qkv.split([n_feat, n_feat, qkv.size(-1) - 2 * n_feat], dim=-1))
         if key_padding_mask is not None:
             k = k.masked_fill(key_padding_mask.bool()[:, None, :, None], 0.0)
         return q, k, v
