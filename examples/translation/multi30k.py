@@ -73,7 +73,7 @@ def prepare(args, commands):
     # A tiny corpus cannot fill a large vocabulary; hard_vocab_limit=False takes what there is.
     spm.SentencePieceTrainer.train(input=str(joint), model_prefix=str(spm_dir / "spm"), vocab_size=args.vocab,
                                    model_type="bpe", character_coverage=1.0, hard_vocab_limit=False,
-                                   bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, num_threads=2)
+                                   bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, num_threads=2, minloglevel=1)
     commands.append(f"sentencepiece: spm_train --model_type bpe --vocab_size {args.vocab} "
                     f"--character_coverage 1.0 on train.{args.src} + train.{args.tgt}")
     sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spm.model"))
@@ -113,7 +113,9 @@ def generate(args, bin_dir, checkpoint, name, commands):
     text = sh(["fairseq-generate", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", "test",
                "--beam", "5", "--batch-size", args.gen_batch_size, "--remove-bpe", "sentencepiece", "--cpu",
                # fairseq drops a last batch that is not a multiple of this (default 8): keep every sentence.
-               "--required-batch-size-multiple", "1"], args.work / f"logs/{name}.generate.log", commands)
+               "--required-batch-size-multiple", "1",
+               # Untrained (tiny test) models would otherwise babble for 200 tokens.
+               "--max-len-a", "1.2", "--max-len-b", "10"], args.work / f"logs/{name}.generate.log", commands)
     hyps = dict(re.findall(r"^D-(\d+)\t\S+\t(.*)$", text, flags=re.M))
     n = len(read_lines(args.data / f"{SPLITS['test']}.{args.src}", args.test_lines))
     if len(hyps) != n:
@@ -134,26 +136,30 @@ def main(argv=None):
     p.add_argument("--train-lines", type=int, default=None, help="use only the first N training pairs")
     p.add_argument("--valid-lines", type=int, default=None)
     p.add_argument("--test-lines", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=8000, help="joint sentencepiece BPE vocabulary")
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4000, help="joint sentencepiece BPE vocabulary")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--ffn-dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--teacher-updates", type=int, default=3000)
-    p.add_argument("--teacher-minutes", type=float, default=25.0, help="wall-clock cap on teacher training")
+    p.add_argument("--teacher-minutes", type=float, default=28.0, help="wall-clock cap on teacher training")
     p.add_argument("--finetune-updates", type=int, default=800)
-    p.add_argument("--finetune-minutes", type=float, default=8.0, help="wall-clock cap per finetuning")
+    p.add_argument("--finetune-minutes", type=float, default=7.0, help="wall-clock cap per finetuning")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--gen-batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process: on a shared CPU one thread measured 2-7x faster per update "
+                        "than two (spin-waiting threads)")
     p.add_argument("--rows", default="teacher,t2r_pretrain,elu_pretrain", help="comma-separated rows to run")
     p.add_argument("--force", default="", help="comma-separated rows to rerun even if recorded")
     args = p.parse_args(argv)
     args.data = args.data_flag or args.data
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     for name in SPLITS.values():
         for lang in (args.src, args.tgt):
             if not (args.data / f"{name}.{lang}").is_file():
@@ -217,7 +223,8 @@ def main(argv=None):
                      f"T2R feature size {args.feature_dim}",
             "eval": "fairseq-generate --beam 5 --remove-bpe sentencepiece on test_2016_flickr, sacreBLEU "
                     f"{sacrebleu.__version__} (13a, detokenized); sentences/s as fairseq-generate reports it "
-                    f"(batch size {args.gen_batch_size}, CPU)",
+                    f"(batch size {args.gen_batch_size}, CPU, "
+                    f"{args.threads} torch thread(s))",
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with "
                        f"other jobs), torch CPU",
             "date": datetime.date.today().isoformat(),
