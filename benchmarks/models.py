@@ -108,6 +108,9 @@ def prefill(model, tokens, chunk=256):
 
 
 def state_bytes(state):
-    """Bytes of every tensor held in a fairseq incremental state dict (kv cache or T2R state)."""
-    return sum(t.numel() * t.element_size() for buf in state.values() if isinstance(buf, dict)
+    """Bytes of the per-sequence tensors in a fairseq incremental state dict: the kv cache or the
+    T2R state. T2R's folded projection weights, kept there once per run, are per model, not per
+    sequence, and not counted."""
+    return sum(t.numel() * t.element_size() for key, buf in state.items()
+               if isinstance(buf, dict) and not key.endswith(".t2r_fused")
                for t in buf.values() if torch.is_tensor(t))

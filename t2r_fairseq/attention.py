@@ -100,17 +100,17 @@ class T2RAttention(nn.Module):
         # v1 = [v | 1]: the fused projection emits the ones column, other paths append it.
         if v.size(-1) == self.head_dim:
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        old = self._get_input_buffer(incremental_state).get("Sz")
+        saved = self._get_input_buffer(incremental_state).get("Sz")
         if q.size(2) == 1:
-            if old is None:
-                old = q.new_zeros(*q.shape[:2], q.size(-1), v.size(-1), dtype=accumulation_dtype(q))
+            old = saved if saved is not None else q.new_zeros(*q.shape[:2], q.size(-1), v.size(-1),
+                                                                dtype=accumulation_dtype(q))
             # No autograd during generation: update the cached state in place, no allocation.
             out, state = packed_linear_attention_step(q, k, v, old, inplace=not torch.is_grad_enabled())
         else:
             out, final = causal_linear_attention(q, k, v[..., :-1], chunk_size=self.chunk_size,
-                                                 initial_state=None if old is None else unpack_state(old))
+                                                 initial_state=None if saved is None else unpack_state(saved))
             state = pack_state(final)
-        if state is not old:
+        if state is not saved:
             self._set_input_buffer(incremental_state, {"Sz": state})
         return self._merge(out), None
 

@@ -110,6 +110,34 @@ def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[State
     return out.to(v.dtype), (s, z)
 
 
+def pack_state(state: State) -> Tensor:
+    """(S, z) -> one (batch, heads, features, dim + 1) tensor [S | z]: the decode state attention
+    modules keep, so that one update and one matmul serve both S and z."""
+    return torch.cat([state[0], state[1].unsqueeze(-1)], dim=-1)
+
+
+def unpack_state(packed: Tensor) -> State:
+    """(S, z) as views of a packed state: writing to them writes to it."""
+    return packed[..., :-1], packed[..., -1]
+
+
+def packed_linear_attention_step(q: Tensor, k: Tensor, v1: Tensor, packed: Tensor, *, eps: float = DEFAULT_EPS,
+                                 inplace: bool = False) -> Tuple[Tensor, Tensor]:
+    """linear_attention_step on a packed state [S | z] with v1 = [v | 1]: (batch, heads, 1, dim + 1).
+    The update k [v | 1]^T adds to S and z at once and q [S | z] yields numerator and denominator
+    in one matmul: three kernels for the whole recurrence, which is what a decode step costs
+    beyond the projections. Returns (out: (batch, heads, 1, dim), packed)."""
+    acc = packed.dtype
+    qf, kf, vf = q.to(acc), k.to(acc), v1.to(acc)
+    if inplace:
+        packed.addcmul_(kf.transpose(-1, -2), vf)
+    else:
+        packed = torch.addcmul(packed, kf.transpose(-1, -2), vf)
+    both = qf @ packed
+    out = both[..., :-1] / (both[..., -1:].abs() + eps)  # as _normalize
+    return out.to(v1.dtype), packed
+
+
 def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, initial_state: Optional[State] = None,
                                eps: float = DEFAULT_EPS) -> Tuple[Tensor, State]:
     """Step-by-step form over a whole sequence (reference for tests; what decoding computes)."""
