@@ -1,0 +1,345 @@
+"""`make demo`: swap-then-finetune on a laptop CPU in about ten minutes, no download.
+
+    python -m examples.demo [--data DIR] [--out runs/demo] [size knobs, see --help]
+
+1. corpus: Python's reference docs (`pydoc_data.topics`), or your own raw text (--data);
+2. sentencepiece BPE, then `fairseq-preprocess --only-source`;
+3. `fairseq-train` a small softmax `transformer_lm` (the "pretrained transformer");
+4. `fairseq-train --task t2r_language_modeling --convert-from <softmax checkpoint> --arch t2r_lm`:
+   swap its attention for T2R and finetune; and, for contrast, the same T2R model from random init
+   for the same number of updates;
+5. score every model with `fairseq-eval-lm`, and the swapped model before any finetuning (what
+   `t2r-convert` writes);
+6. generation cost as the prefix grows, through fairseq's incremental decoding;
+7. `report.md`, `decode_time.png`, `ppl_vs_updates.png` in --out.
+
+Every fairseq command is logged (command line first) to <out>/logs/<name>.log.
+"""
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import demo_data
+from .demo_report import write_report
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+USER_DIR = ROOT / "t2r_fairseq"
+BIN = pathlib.Path(sys.executable).parent
+# The steps after which the demo has something to say; used for "[k/N]".
+STEPS = 9
+DECODE_TIMED_STEPS = 16
+NEVER = 10 ** 9  # an epoch interval that never comes: validate/save by update count only
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message is the one line the user sees."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", help="directory of raw text: train.txt/valid.txt/test.txt or WikiText-style "
+                                  "wiki.{train,valid,test}.tokens (default: Python's reference docs)")
+    p.add_argument("--out", default="runs/demo", help="output directory (its demo outputs are overwritten)")
+    size = p.add_argument_group("sizes (defaults fit about 10 minutes on 2 CPU cores)")
+    size.add_argument("--vocab-size", type=int, default=2000, help="sentencepiece BPE vocabulary")
+    size.add_argument("--layers", type=int, default=3)
+    size.add_argument("--embed-dim", type=int, default=192, help="model width; FFN is 4x")
+    size.add_argument("--heads", type=int, default=4)
+    size.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head (--t2r-feature-dim)")
+    size.add_argument("--tokens-per-sample", type=int, default=128, help="training block length")
+    size.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch")
+    size.add_argument("--pretrain-updates", type=int, default=600, help="softmax pretraining updates")
+    size.add_argument("--finetune-updates", type=int, default=300,
+                      help="T2R updates, both swap-then-finetune and random init")
+    size.add_argument("--validations", type=int, default=10, help="validations per finetuning run (the curve)")
+    size.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every run")
+    size.add_argument("--dropout", type=float, default=0.1)
+    size.add_argument("--max-prefix", type=int, default=4096, help="longest prefix in the decoding benchmark")
+    size.add_argument("--seed", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.tokens_per_sample > args.max_tokens:
+        p.error("--max-tokens must be at least --tokens-per-sample")
+    return args
+
+
+class Progress:
+    """One line per step with the time since the demo started."""
+
+    def __init__(self):
+        self.start = time.time()
+        self.step = 0
+
+    def elapsed(self) -> str:
+        seconds = int(time.time() - self.start)
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+    def begin(self, text: str):
+        self.step += 1
+        self.step_start = time.time()
+        print(f"[{self.step}/{STEPS}] {text}", flush=True)
+
+    def note(self, text: str):
+        print(f"      {text}", flush=True)
+
+    def end(self, text: str = "") -> float:
+        seconds = time.time() - self.step_start
+        self.note(f"{text + '; ' if text else ''}{seconds:.0f}s (elapsed {self.elapsed()})")
+        return seconds
+
+
+def run(name: str, cmd: list, logs: pathlib.Path, progress: Progress, on_line=None) -> str:
+    """Run a console command (from this environment first), logging its output to logs/<name>.log
+    with the command line on top. Returns the output; on failure prints its last lines and raises."""
+    exe = BIN / cmd[0]
+    cmd = [str(exe) if exe.exists() else cmd[0]] + [str(c) for c in cmd[1:]]
+    log_path = logs / f"{name}.log"
+    lines = []
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n\n")
+        log.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        except OSError as e:
+            raise DemoError(f"cannot run {cmd[0]}: {e.strerror} (is the environment installed? `make install`)")
+        for line in proc.stdout:  # streamed, so validations can be reported as they happen
+            log.write(line)
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+        proc.wait()
+    if proc.returncode != 0:
+        for line in lines[-15:]:
+            progress.note("| " + line.rstrip())
+        raise DemoError(f"{pathlib.Path(cmd[0]).name} ({name}) failed with exit code {proc.returncode}; "
+                        f"full log: {log_path}")
+    return "".join(lines)
+
+
+# -- fairseq command lines --------------------------------------------------------------------
+def model_options(a) -> list:
+    # transformer_lm's input/output dims default to 512 whatever the width: pin them to it.
+    # Sinusoidal positions (transformer_lm's default) extend past the training block length;
+    # max-target-positions only has to admit the longest decoding benchmark prefix.
+    return ["--decoder-layers", a.layers, "--decoder-embed-dim", a.embed_dim,
+            "--decoder-input-dim", a.embed_dim, "--decoder-output-dim", a.embed_dim,
+            "--decoder-ffn-embed-dim", 4 * a.embed_dim, "--decoder-attention-heads", a.heads,
+            "--share-decoder-input-output-embed", "--dropout", a.dropout,
+            "--max-target-positions", max(a.tokens_per_sample, a.max_prefix + DECODE_TIMED_STEPS)]
+
+
+def train_command(a, data_bin, save_dir, updates: int, valid_every: int, extra: list) -> list:
+    return ["fairseq-train", data_bin, "--user-dir", USER_DIR, *model_options(a), *extra,
+            "--tokens-per-sample", a.tokens_per_sample, "--max-tokens", a.max_tokens,
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--weight-decay", "0.01", "--clip-norm", "1.0",
+            # A short run ends best with the learning rate decayed to zero (linear after warmup).
+            "--lr", a.lr, "--lr-scheduler", "polynomial_decay", "--warmup-updates", max(1, updates // 10),
+            "--total-num-update", updates,
+            "--max-update", updates, "--validate-interval-updates", valid_every, "--validate-interval", NEVER,
+            # Save only at the end: checkpoint_best.pt is then the final model.
+            "--save-interval", NEVER, "--no-epoch-checkpoints", "--save-dir", save_dir,
+            "--log-format", "json", "--log-interval", max(1, valid_every // 2),
+            "--num-workers", 0, "--seed", a.seed]
+
+
+VALID_LINE = re.compile(r"\| valid \| (\{.*\})")
+
+
+def valid_curve(log_text: str) -> list:
+    """[(num_updates, valid ppl)] from fairseq-train's json valid lines, one point per update count."""
+    points = {}
+    for match in VALID_LINE.finditer(log_text):
+        stats = json.loads(match.group(1))
+        points[int(stats["valid_num_updates"])] = float(stats["valid_ppl"])
+    return sorted(points.items())
+
+
+def eval_lm_perplexity(output: str, name: str) -> float:
+    found = re.findall(r"Perplexity: ([0-9.]+|inf|nan)", output)
+    if not found:
+        raise DemoError(f"fairseq-eval-lm ({name}) printed no perplexity")
+    return float(found[-1])
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+def prepare_output(out: pathlib.Path):
+    """Remove only what earlier demo runs wrote (fairseq-train would resume from a stale
+    checkpoint_last.pt), never anything else a user keeps in --out."""
+    for sub in ("data", "checkpoints", "logs"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    for name in ("report.md", "results.json", "decode_time.png", "ppl_vs_updates.png"):
+        (out / name).unlink(missing_ok=True)
+    for sub in ("data", "checkpoints", "logs"):
+        (out / sub).mkdir(parents=True)
+
+
+def corpus_step(a, out, progress):
+    if a.data:
+        raw = demo_data.find_raw_splits(a.data)
+        progress.begin(f"corpus: your text in {a.data}")
+    else:
+        progress.begin("corpus: Python's reference documentation (pydoc_data.topics, shipped with Python)")
+        raw = demo_data.write_pydoc_splits(out / "data" / "raw")
+    words = {s: sum(len(line.split()) for line in open(p, encoding="utf-8", errors="replace")) for s, p in raw.items()}
+    if not words["train"] or not words["valid"] or not words["test"]:
+        raise DemoError(f"empty split(s): {', '.join(s for s, n in words.items() if not n)}")
+    progress.end(", ".join(f"{s} {n:,} words" for s, n in words.items()))
+    return raw
+
+
+def binarize_step(a, raw, out, progress):
+    progress.begin(f"sentencepiece BPE ({a.vocab_size} pieces), then fairseq-preprocess --only-source")
+    bpe = out / "data" / "bpe"
+    bpe.mkdir()
+    try:
+        spm_model = demo_data.learn_bpe(raw["train"], bpe / "spm", a.vocab_size)
+    except RuntimeError as e:  # sentencepiece's own message, e.g. vocabulary too large for the text
+        raise DemoError(f"sentencepiece: {str(e).strip().splitlines()[-1]}") from None
+    tokens = {s: demo_data.encode(spm_model, raw[s], bpe / f"{s}.bpe") for s in demo_data.SPLITS}
+    data_bin = out / "data" / "bin"
+    run("preprocess", ["fairseq-preprocess", "--only-source", "--trainpref", bpe / "train.bpe",
+                       "--validpref", bpe / "valid.bpe", "--testpref", bpe / "test.bpe",
+                       "--destdir", data_bin, "--workers", 1], out / "logs", progress)
+    progress.end(", ".join(f"{s} {n:,} tokens" for s, n in tokens.items()))
+    return data_bin
+
+
+def train_step(a, title, name, data_bin, out, progress, updates, extra):
+    progress.begin(f"{title}: {updates} updates (log: {out / 'logs' / (name + '.log')})")
+    save_dir = out / "checkpoints" / name
+
+    def report_validation(line):
+        for n, ppl in valid_curve(line):
+            progress.note(f"update {n}/{updates}: valid ppl {ppl:.1f}")
+
+    valid_every = max(1, updates // a.validations)
+    log = run(name, train_command(a, data_bin, save_dir, updates, valid_every, extra), out / "logs", progress,
+              on_line=report_validation)
+    seconds = progress.end()
+    return {"checkpoint": save_dir / "checkpoint_best.pt", "updates": updates, "train_seconds": seconds,
+            "curve": valid_curve(log)}
+
+
+def swap_step(a, softmax_run, out, progress):
+    """The swapped model before any finetuning: the update-0 point of the finetuning curve."""
+    progress.begin("swap attention for T2R, no finetuning (t2r_fairseq.convert, as `t2r-convert` does)")
+    import_fairseq()
+    from t2r_fairseq.checkpoints import CheckpointError
+    from t2r_fairseq.convert import convert_checkpoint
+
+    swapped = out / "checkpoints" / "t2r_swapped.pt"
+    try:
+        new_keys = convert_checkpoint(str(softmax_run["checkpoint"]), str(swapped), t2r_feature_dim=a.feature_dim)
+    except CheckpointError as e:
+        raise DemoError(f"conversion failed: {e}") from None
+    progress.end(f"{swapped}: softmax weights reused, {len(new_keys)} new feature-map tensors")
+    return {"checkpoint": swapped, "updates": 0, "train_seconds": None, "curve": []}
+
+
+def score_step(a, runs, data_bin, out, progress):
+    progress.begin("score every model with fairseq-eval-lm (valid and test)")
+    jobs = [(name, split) for name in runs for split in ("valid", "test")]
+
+    def score(job):
+        name, split = job
+        output = run(f"eval_{name}_{split}", [
+            "fairseq-eval-lm", data_bin, "--path", runs[name]["checkpoint"], "--user-dir", USER_DIR,
+            "--gen-subset", split, "--tokens-per-sample", a.tokens_per_sample, "--max-tokens", a.max_tokens,
+            "--num-workers", 0], out / "logs", progress)
+        return eval_lm_perplexity(output, f"{name} {split}")
+
+    # Each fairseq-eval-lm spends most of its time importing fairseq, on one core: run them side by side.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        for (name, split), ppl in zip(jobs, pool.map(score, jobs)):
+            runs[name][f"{split}_ppl"] = ppl
+    for name, r in runs.items():
+        progress.note(f"{name}: valid ppl {r['valid_ppl']:.2f}, test ppl {r['test_ppl']:.2f}")
+    progress.end()
+
+
+def decode_step(a, runs, progress):
+    import torch
+
+    from .decode_speed import load_lm, measure_decoding, prefix_lengths
+
+    lengths = prefix_lengths(a.max_prefix)
+    progress.begin(f"generation cost, batch 1, 1 thread, prefixes {lengths[0]}..{lengths[-1]} "
+                   f"(fairseq incremental decoding)")
+    # One sequence gains nothing from intra-op threads, and one thread keeps timings steady on a
+    # machine that also runs other work.
+    torch.set_num_threads(1)
+    results = {}
+    for name in ("softmax", "t2r_converted"):
+        results[name] = measure_decoding(load_lm(runs[name]["checkpoint"]), lengths, DECODE_TIMED_STEPS)
+        last = results[name][-1]
+        progress.note(f"{name}: {last['ms_per_token']:.2f} ms/token, {last['state_bytes']:,} bytes of state "
+                      f"at prefix {last['prefix']}")
+    progress.end()
+    return results
+
+
+def import_fairseq():
+    """Import fairseq (and register t2r_fairseq) in this process with a quiet console: fairseq
+    modules call logging.basicConfig (one at DEBUG level) on import, which is a no-op once the root
+    logger is configured."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    import t2r_fairseq  # noqa: F401
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    out = pathlib.Path(a.out)
+    progress = Progress()
+    try:
+        raw = demo_data.find_raw_splits(a.data) if a.data else None  # fail before deleting anything
+        prepare_output(out)
+        raw = corpus_step(a, out, progress)
+        data_bin = binarize_step(a, raw, out, progress)
+        runs = {"softmax": train_step(a, "pretrain a softmax transformer_lm", "softmax", data_bin, out, progress,
+                                      a.pretrain_updates, ["--task", "language_modeling", "--arch", "transformer_lm"])}
+        runs["t2r_swapped"] = swap_step(a, runs["softmax"], out, progress)
+        runs["t2r_converted"] = train_step(
+            a, "swap attention for T2R (--convert-from) and finetune", "t2r_converted", data_bin, out, progress,
+            a.finetune_updates, ["--task", "t2r_language_modeling", "--arch", "t2r_lm",
+                                 "--t2r-feature-dim", a.feature_dim, "--convert-from", runs["softmax"]["checkpoint"]])
+        runs["t2r_random"] = train_step(
+            a, "for contrast: the same T2R model from random init", "t2r_random", data_bin, out, progress,
+            a.finetune_updates, ["--task", "t2r_language_modeling", "--arch", "t2r_lm",
+                                 "--t2r-feature-dim", a.feature_dim])
+        score_step(a, runs, data_bin, out, progress)
+        decoding = decode_step(a, runs, progress)
+        progress.begin(f"report: {out / 'report.md'}, {out / 'decode_time.png'}, {out / 'ppl_vs_updates.png'}")
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                   "wall_seconds": time.time() - progress.start,
+                   "cpu_seconds": sum(u.ru_utime + u.ru_stime for u in usage)}
+        table = write_report(out, a, runs, decoding, machine)
+        progress.end()
+    except (DemoError, demo_data.DataError, OSError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, demo_data.DataError) else 1
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
+    print()
+    print(table)
+    if not all(math.isfinite(runs[n]["test_ppl"]) for n in ("softmax", "t2r_converted", "t2r_random")):
+        print("demo: warning: a perplexity is not finite; see the logs in " + str(out / "logs"), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
