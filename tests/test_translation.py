@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import t2r_fairseq  # noqa: F401  (lets torch's safe loading read fairseq checkpoints, as the CLIs do)
-from helpers import USER_DIR, build_model, run
+from helpers import ROOT, USER_DIR, build_model, run
 
 TINY_MT_SOFTMAX = ["--encoder-layers", 2, "--decoder-layers", 2, "--encoder-embed-dim", 32,
                    "--decoder-embed-dim", 32, "--encoder-ffn-embed-dim", 64, "--decoder-ffn-embed-dim", 64,
@@ -289,3 +289,45 @@ def test_offline_converter_softmax_cross_attention_loads_and_beam_searches(workd
         for i in range(0, N_TEST, 3):  # a third of them alone keeps the test quick
             alone = generator.generate([model], data.collater([data[i]]))
             assert torch.equal(alone[0][0]["tokens"], batch[i][0]["tokens"]), i
+
+
+# -- examples/translation/multi30k.py at a tiny size -----------------------------------------------
+MULTI30K = ROOT.parent / "shared/data/multi30k"
+TINY_RECIPE = ["--train-lines", 200, "--valid-lines", 30, "--test-lines", 20, "--vocab", 300, "--layers", 1,
+               "--embed-dim", 32, "--ffn-dim", 64, "--heads", 2, "--feature-dim", 8, "--teacher-updates", 8,
+               "--finetune-updates", 3, "--max-tokens", 1024,
+               # The ELU row runs the same code path with one more flag; skipping it saves two CLI runs.
+               "--rows", "teacher,t2r_pretrain"]
+
+
+@pytest.mark.skipif(not (MULTI30K / "train.en").is_file(), reason=f"needs Multi30k at {MULTI30K}")
+def test_multi30k_recipe_runs_at_tiny_size(tmp_path):
+    import json
+    import sys
+
+    results = tmp_path / "multi30k.json"
+    cmd = [sys.executable, ROOT / "examples/translation/multi30k.py", MULTI30K, "--work", tmp_path / "work",
+           "--results", results, *TINY_RECIPE]
+    run(cmd)
+    recorded = json.loads(results.read_text())
+    assert set(recorded) == {"teacher", "t2r_pretrain", "setup"}
+    for name, updates in (("teacher", 8), ("t2r_pretrain", 3)):
+        row = recorded[name]
+        assert 0.0 <= row["bleu"] <= 100.0 and row["sentences_per_s"] > 0 and row["updates"] == updates, row
+        hyps = (tmp_path / f"work/{name}.test.de").read_text().splitlines()
+        assert len(hyps) == 20 and "▁" not in "".join(hyps)  # detokenized: sentencepiece pieces joined
+    commands = "\n".join(recorded["setup"]["commands"])
+    assert "--task t2r_translation" in commands and "--convert-from" in commands
+    assert {"machine", "date"} <= set(recorded["setup"])
+    # Resumable: recorded rows are not trained again.
+    again = run(cmd)
+    assert again.stdout.count("recorded already") == 2, again.stdout
+    # The README's fairseq-interactive command, with the recipe's sentencepiece model.
+    work = tmp_path / "work"
+    line = tmp_path / "input.en"
+    line.write_text("A man is riding a bike.\n")
+    out = run(["fairseq-interactive", work / "bin", "--user-dir", USER_DIR, "--path",
+               work / "t2r_pretrain/checkpoint_last.pt", "--beam", 5, "--bpe", "sentencepiece",
+               "--sentencepiece-model", work / "spm/spm.model", "--source-lang", "en", "--target-lang", "de",
+               "--max-len-b", 10, "--cpu", "--input", line]).stdout
+    assert re.search(r"^D-0\t\S+\t[^▁]*$", out, flags=re.M), out
