@@ -89,6 +89,17 @@ def evaluate(bin_dir, checkpoint, tokens_per_sample, subset, log_path):
     return float(re.findall(r"Perplexity: ([0-9.]+)", text)[-1])
 
 
+def adopted_progress(checkpoint, train_log):
+    """(updates, minutes) of a checkpoint saved during a run: its update count, and the run's
+    wall clock at that update from fairseq's own log."""
+    import torch
+
+    updates = torch.load(checkpoint, map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"]
+    walls = [float(w) for n, w in re.findall(r"num_updates=(\d+),.*?wall=(\d+)", train_log.read_text())
+             if int(n) <= updates]
+    return updates, (walls[-1] / 60 if walls else float("nan"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared/data/wikitext-2")
@@ -102,8 +113,12 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--feature-dim", type=int, default=32)
+    p.add_argument("--note", default=None, help="recorded in setup.notes (e.g. why a run was stopped early)")
     p.add_argument("--rows", default=None, help="comma-separated subset of rows to run")
     p.add_argument("--force", default="", help="comma-separated rows to rerun even if recorded")
+    p.add_argument("--adopt", action="append", default=[], metavar="ROW=CHECKPOINT",
+                   help="record ROW from a checkpoint its training run saved (e.g. an interval checkpoint of a "
+                        "run stopped early) instead of training; updates and minutes are read from it and its log")
     args = p.parse_args(argv)
     for split in ("train", "valid", "test"):
         if not (args.data / f"wiki.{split}.tokens").is_file():
@@ -124,8 +139,16 @@ def main(argv=None):
         "elu_pretrain": (t2r + convert + ["--t2r-feature-map", "elu"], n_finetune, args.finetune_lr),
         "rfa_pretrain": (t2r + convert + ["--t2r-feature-map", "rfa"], n_finetune, args.finetune_lr),
         "t2r_random": (t2r, n_finetune, args.lr),
+        # Beyond the paper (same finetuning budget): attention transfer (a third of the budget
+        # on feature maps alone), a hybrid keeping the top layer softmax, newer feature maps.
+        "t2r_transfer": (t2r + convert + ["--criterion", "t2r_attention_transfer", "--attention-transfer-only-updates",
+                                          str(max(1, n_finetune // 3))], n_finetune, args.finetune_lr),
+        "hybrid_50": (t2r + convert + ["--t2r-softmax-layers", "1"], n_finetune, args.finetune_lr),
+        "hedgehog_pretrain": (t2r + convert + ["--t2r-feature-map", "hedgehog"], n_finetune, args.finetune_lr),
+        "performer_pretrain": (t2r + convert + ["--t2r-feature-map", "performer"], n_finetune, args.finetune_lr),
         "t2r_random_full": (t2r, n_teacher, args.lr),
     }
+    adopted = dict(a.split("=", 1) for a in args.adopt)
     wanted = args.rows.split(",") if args.rows else list(rows)
     force = set(filter(None, args.force.split(",")))
     for name in wanted:
@@ -134,24 +157,31 @@ def main(argv=None):
             continue
         extra, updates, lr = rows[name]
         save = args.work / name
-        for old in save.glob("checkpoint*.pt"):
-            old.unlink()  # a fresh run, not a resume of an earlier one
-        log(f"{name}: fairseq-train, {updates} updates")
-        start = time.time()
-        warmup = min(400, max(1, updates // 10))
-        # Validation on a slice of valid only traces the curve; the reported numbers come from
-        # fairseq-eval-lm on the full splits.
-        sh(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup), "--max-update", str(updates),
-            "--save-dir", save, "--validate-interval-updates", str(max(1, updates // 4)), "--max-valid-steps", "25",
-            "--save-interval-updates", str(max(1, updates // 6)), "--keep-interval-updates", "1"],
-           args.work / f"logs/{name}.train.log")
-        minutes = (time.time() - start) / 60
+        if name in adopted:
+            checkpoint = pathlib.Path(adopted[name])
+            updates, minutes = adopted_progress(checkpoint, args.work / f"logs/{name}.train.log")
+            log(f"{name}: adopting {checkpoint} ({updates} updates, {minutes:.1f} min of training)")
+        else:
+            checkpoint = save / "checkpoint_last.pt"
+            for old in save.glob("checkpoint*.pt"):
+                old.unlink()  # a fresh run, not a resume of an earlier one
+            log(f"{name}: fairseq-train, {updates} updates")
+            start = time.time()
+            warmup = min(400, max(1, updates // 10))
+            # Validation on a slice of valid only traces the curve; the reported numbers come from
+            # fairseq-eval-lm on the full splits.
+            sh(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup), "--max-update",
+                str(updates), "--save-dir", save, "--validate-interval-updates", str(max(1, updates // 4)),
+                "--max-valid-steps", "25", "--save-interval-updates", str(max(1, updates // 6)),
+                "--keep-interval-updates", "1"], args.work / f"logs/{name}.train.log")
+            minutes = (time.time() - start) / 60
         row = {"updates": updates, "minutes": round(minutes, 1)}
         for subset in ("valid", "test"):
-            row[f"{subset}_ppl"] = round(evaluate(bin_dir, save / "checkpoint_last.pt", tps, subset,
+            row[f"{subset}_ppl"] = round(evaluate(bin_dir, checkpoint, tps, subset,
                                                   args.work / f"logs/{name}.eval_{subset}.log"), 2)
         if name != "teacher":
             row["feature_map"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-feature-map"), "t2r")
+            row["feature_dim"] = args.feature_dim
             row["init"] = "teacher" if "--convert-from" in extra else "random"
         log(f"{name}: {row}")
         # Re-read before writing: rows may run in parallel processes (one thread each).
@@ -166,6 +196,8 @@ def main(argv=None):
             "machine": f"{platform.processor() or platform.machine()}, 2 CPU cores, torch CPU",
             "date": datetime.date.today().isoformat(),
         }
+        if args.note:
+            results["setup"]["notes"] = args.note
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=2) + "\n")
     log(f"results in {args.results}")
