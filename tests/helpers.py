@@ -54,6 +54,15 @@ TINY_LM = TINY_LM_SOFTMAX + ["--t2r-feature-dim", 8]
 TINY_WIKI103 = TINY_WIKI103_SOFTMAX + ["--t2r-feature-dim", 8]
 
 
+# The CLI tests' model: transformer_lm_wiki103-shaped (adaptive input and softmax), tiny.
+MODEL = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-input-dim", 32, "--decoder-output-dim", 32,
+         "--decoder-ffn-embed-dim", 64, "--decoder-attention-heads", 4, "--adaptive-input-cutoff", "100,300",
+         "--adaptive-softmax-cutoff", "100,300", "--adaptive-softmax-dropout", 0, "--dropout", 0.1]
+TRAIN = ["--tokens-per-sample", 64, "--max-tokens", 512, "--optimizer", "adam", "--lr", 1e-3,
+         "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp", "--no-epoch-checkpoints", "--cpu",
+         "--num-workers", 0, "--log-format", "simple", "--log-interval", 5, "--seed", 3]
+
+
 def write_corpus(directory, n_train=1500, n_valid=150, n_test=150, seed=0):
     """Real English (Python's reference documentation, shipped with Python) as train/valid/test."""
     import pydoc_data.topics

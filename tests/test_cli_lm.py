@@ -6,36 +6,12 @@ import re
 import pytest
 import torch
 
-from helpers import USER_DIR, run, write_corpus
-
-MODEL = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-input-dim", 32, "--decoder-output-dim", 32,
-         "--decoder-ffn-embed-dim", 64, "--decoder-attention-heads", 4, "--adaptive-input-cutoff", "100,300",
-         "--adaptive-softmax-cutoff", "100,300", "--adaptive-softmax-dropout", 0, "--dropout", 0.1]
-TRAIN = ["--tokens-per-sample", 64, "--max-tokens", 512, "--optimizer", "adam", "--lr", 1e-3,
-         "--criterion", "adaptive_loss", "--ddp-backend", "legacy_ddp", "--no-epoch-checkpoints", "--cpu",
-         "--num-workers", 0, "--log-format", "simple", "--log-interval", 5, "--seed", 3]
-
+from helpers import MODEL, TRAIN, USER_DIR, run
 
 def _perplexity(output: str) -> float:
     found = re.findall(r"Perplexity: ([0-9.]+)", output)
     assert found, output[-2000:]
     return float(found[-1])
-
-
-def _valid_losses(output: str):
-    return [float(x) for x in re.findall(r"valid on 'valid' subset \| loss ([0-9.]+)", output)]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
-    write_corpus(root / "raw", n_train=1200, n_valid=100, n_test=100)
-    run(["fairseq-preprocess", "--only-source", "--trainpref", root / "raw/train.txt", "--validpref",
-         root / "raw/valid.txt", "--testpref", root / "raw/test.txt", "--destdir", root / "bin",
-         "--thresholdtgt", 2, "--workers", 1])
-    run(["fairseq-train", root / "bin", "--task", "language_modeling", "--arch", "transformer_lm_wiki103",
-         *MODEL, *TRAIN, "--max-update", 20, "--save-dir", root / "softmax"])
-    return root
 
 
 def _finetune(root, save_dir, updates, extra=()):
@@ -44,69 +20,69 @@ def _finetune(root, save_dir, updates, extra=()):
                 "--max-update", updates, "--save-dir", save_dir, "--validate-interval-updates", 5, *extra])
 
 
-def test_convert_finetune_eval(workdir):
-    out = _finetune(workdir, workdir / "t2r", 10)
+def test_convert_finetune_eval(lm_workdir):
+    out = _finetune(lm_workdir, lm_workdir / "t2r", 10)
     log = out.stdout + out.stderr
     assert "converted" in log and "feature_map.weight" in log, log[-3000:]
-    ppl = _perplexity(run(["fairseq-eval-lm", workdir / "bin", "--user-dir", USER_DIR, "--path",
-                           workdir / "t2r/checkpoint_last.pt", "--tokens-per-sample", 64, "--cpu"]).stderr)
+    ppl = _perplexity(run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path",
+                           lm_workdir / "t2r/checkpoint_last.pt", "--tokens-per-sample", 64, "--cpu"]).stderr)
     assert 1.0 < ppl < 1e5
     # The finetuned checkpoint is a T2R model: its layers have feature maps, the teacher's do not.
-    state = torch.load(workdir / "t2r/checkpoint_last.pt", weights_only=False)
+    state = torch.load(lm_workdir / "t2r/checkpoint_last.pt", weights_only=False)
     assert "decoder.layers.0.self_attn.feature_map.weight" in state["model"]
 
 
-def test_converted_model_starts_from_teacher_weights(workdir):
+def test_converted_model_starts_from_teacher_weights(lm_workdir):
     """At update 0 the converted model must carry the teacher's weights (same embeddings, FFNs)."""
-    out = _finetune(workdir, workdir / "t2r0", 1, ["--lr", 1e-12])
-    student = torch.load(workdir / "t2r0/checkpoint_last.pt", weights_only=False)["model"]
-    teacher = torch.load(workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
+    out = _finetune(lm_workdir, lm_workdir / "t2r0", 1, ["--lr", 1e-12])
+    student = torch.load(lm_workdir / "t2r0/checkpoint_last.pt", weights_only=False)["model"]
+    teacher = torch.load(lm_workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
     for name in ("decoder.layers.1.fc1.weight", "decoder.layers.0.self_attn.q_proj.weight",
                  "decoder.embed_tokens.embeddings.0.0.weight"):
         torch.testing.assert_close(student[name], teacher[name], rtol=0, atol=1e-6), out
 
 
-def test_resume_skips_conversion_and_continues(workdir):
-    save = workdir / "resume"
-    _finetune(workdir, save, 5)
-    second = _finetune(workdir, save, 10)
+def test_resume_skips_conversion_and_continues(lm_workdir):
+    save = lm_workdir / "resume"
+    _finetune(lm_workdir, save, 5)
+    second = _finetune(lm_workdir, save, 10)
     log = second.stdout + second.stderr
     assert "skipping --convert-from" in log and "converted " not in log
     assert "num_updates 10" in log
 
 
-def test_offline_converter_then_eval_and_finetune(workdir):
-    out_path = workdir / "offline/t2r.pt"
-    result = run(["t2r-convert", "--input", workdir / "softmax/checkpoint_last.pt", "--output", out_path])
+def test_offline_converter_then_eval_and_finetune(lm_workdir):
+    out_path = lm_workdir / "offline/t2r.pt"
+    result = run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", out_path])
     assert "new tensors" in result.stderr + result.stdout
-    teacher = torch.load(workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
+    teacher = torch.load(lm_workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
     converted = torch.load(out_path)["model"]  # safe loading: the plugin writes only plain types
     assert set(converted) - set(teacher) == {f"decoder.layers.{i}.self_attn.feature_map.{p}"
                                              for i in range(2) for p in ("weight", "bias")}
     for name, value in teacher.items():
         torch.testing.assert_close(converted[name], value, rtol=0, atol=0)
-    ppl = _perplexity(run(["fairseq-eval-lm", workdir / "bin", "--user-dir", USER_DIR, "--path", out_path,
+    ppl = _perplexity(run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", out_path,
                            "--tokens-per-sample", 64, "--cpu"]).stderr)
     assert ppl > 1.0
-    run(["fairseq-train", workdir / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
+    run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
          "--finetune-from-model", out_path, "--arch", "t2r_lm_wiki103", *MODEL, *TRAIN, "--max-update", 3,
-         "--save-dir", workdir / "offline/ft"])
+         "--save-dir", lm_workdir / "offline/ft"])
 
 
-def test_shape_mismatch_names_parameter_and_shapes(workdir):
+def test_shape_mismatch_names_parameter_and_shapes(lm_workdir):
     bad = list(MODEL)
     bad[bad.index("--decoder-ffn-embed-dim") + 1] = 48
-    proc = run(["fairseq-train", workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
-                "--convert-from", workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *bad, *TRAIN,
-                "--max-update", 1, "--save-dir", workdir / "bad"], check=False)
+    proc = run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
+                "--convert-from", lm_workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *bad, *TRAIN,
+                "--max-update", 1, "--save-dir", lm_workdir / "bad"], check=False)
     assert proc.returncode != 0
     assert re.search(r"fc1\.weight: checkpoint \(64, 32\) vs model \(48, 32\)", proc.stderr), proc.stderr[-2000:]
 
 
-def test_attention_transfer_trains_only_feature_maps_first(workdir):
-    save = workdir / "transfer"
-    out = run(["fairseq-train", workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
-               "--convert-from", workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *MODEL,
+def test_attention_transfer_trains_only_feature_maps_first(lm_workdir):
+    save = lm_workdir / "transfer"
+    out = run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
+               "--convert-from", lm_workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *MODEL,
                *[a for a in TRAIN if a not in ("--criterion", "adaptive_loss")], "--criterion",
                "t2r_attention_transfer", "--attention-transfer-only-updates", 4, "--max-update", 4,
                "--save-dir", save, "--log-interval", 1])
@@ -114,11 +90,11 @@ def test_attention_transfer_trains_only_feature_maps_first(workdir):
     transfer = [float(x) for x in re.findall(r"transfer_loss=([0-9.]+)", log)]
     assert len(transfer) == 4 and all(0 < t < 10 for t in transfer), log[-3000:]  # logged every update
     student = torch.load(save / "checkpoint_last.pt", weights_only=False)["model"]
-    teacher = torch.load(workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
+    teacher = torch.load(lm_workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
     for name, value in teacher.items():  # everything but the feature maps is still the teacher's
         torch.testing.assert_close(student[name], value, rtol=0, atol=0)
-    fresh = torch.load(workdir / "t2r0/checkpoint_last.pt", weights_only=False)["model"] \
-        if (workdir / "t2r0/checkpoint_last.pt").exists() else None
+    fresh = torch.load(lm_workdir / "t2r0/checkpoint_last.pt", weights_only=False)["model"] \
+        if (lm_workdir / "t2r0/checkpoint_last.pt").exists() else None
     if fresh is not None:  # same seed, same init: the feature maps moved
         assert not torch.equal(student["decoder.layers.0.self_attn.feature_map.weight"],
                                fresh["decoder.layers.0.self_attn.feature_map.weight"])
