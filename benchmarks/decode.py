@@ -6,11 +6,12 @@ Per (prefix length L, batch B): the prefix is read once at batch 1 (`models.pref
 B rows with the decoder's own reorder_incremental_state (what beam search does); then single-token
 steps are timed. The softmax cache is put back to length L before every step (outside the timer),
 so each step attends over exactly L keys; T2R's state is constant-size and simply keeps going.
-Models are timed in interleaved rounds so that a change in machine load hits all three alike.
+Models take turns step by step (A B C, B C A, ...), so that changes in machine load hit all three
+alike; each gets as many steps as fit in `seconds` (within min_steps..max_steps).
 """
 import torch
 
-from .measure import median, peak_bytes, timed
+from .measure import medians, peak_bytes, timed
 from .models import prefill, state_bytes
 
 MODELS = ("softmax", "t2r", "floor")
@@ -29,7 +30,7 @@ def _expand(model, state, batch):
     return state
 
 
-def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, rounds=3, max_steps=50, seed=0, log=print):
+def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, min_steps=6, max_steps=60, seed=0, log=print):
     """One row per (L, B, model): median seconds per step, state bytes, peak bytes during a step."""
     rows = []
     g = torch.Generator().manual_seed(seed)
@@ -41,34 +42,42 @@ def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, rounds=3, max_s
             step_tokens = tokens.expand(batch, -1).contiguous()
             runs = {}
             for name, model in models.items():
-                state = _expand(model, prefix_states[name], batch)
+                state = {}
 
                 def step(model=model, state=state):
                     model.decoder(step_tokens, incremental_state=state)
 
+                def expand_and_step(model=model, state=state, prefix=prefix_states[name]):
+                    state.update(_expand(model, prefix, batch))
+                    step()
+
                 with torch.no_grad():
+                    # The state is built inside the profiled call: the profiler only sees the free
+                    # of a block it saw allocated (softmax frees its old cache during a step).
+                    # Its peak is the state plus the first step's transients; warms up too.
+                    peak = peak_bytes(expand_and_step)
                     held = state_bytes(state)
-                    # Memory of one natural step (nothing else holds the old cache): warms up too.
-                    peak = held + peak_bytes(step)
                     restore = _copy_state(state) if name == "softmax" else None
-                    first = timed(step)
+                    first = timed(step)[0]
                 runs[name] = dict(step=step, state=state, restore=restore, held=held, peak=peak, times=[],
-                                  per_round=max(2, min(max_steps // rounds, int(seconds / rounds / first))))
+                                  steps=max(min_steps, min(max_steps, int(seconds / first))))
             with torch.no_grad():
-                for r in range(rounds):
-                    order = list(models)[r % len(models):] + list(models)[:r % len(models)]
-                    for name in order:
+                for i in range(max(run["steps"] for run in runs.values())):
+                    names = list(models)[i % len(models):] + list(models)[:i % len(models)]
+                    for name in names:
                         run = runs[name]
-                        for _ in range(run["per_round"]):
-                            if run["restore"] is not None:
-                                run["state"].clear()
-                                run["state"].update(_copy_state(run["restore"]))
-                            run["times"].append(timed(run["step"]))
+                        if i >= run["steps"]:
+                            continue
+                        if run["restore"] is not None:
+                            run["state"].clear()
+                            run["state"].update(_copy_state(run["restore"]))
+                        run["times"].append(timed(run["step"]))
             for name, run in runs.items():
-                rows.append(dict(length=length, batch=batch, model=name, step_s=median(run["times"]),
+                wall, cpu = medians(run["times"])
+                rows.append(dict(length=length, batch=batch, model=name, step_s=cpu, wall_s=wall,
                                  steps=len(run["times"]), state_bytes=run["held"], peak_bytes=run["peak"]))
             log(f"  L={length:5d} B={batch:2d}  " + "  ".join(
-                f"{r['model']} {r['step_s'] * 1e3:8.2f} ms" for r in rows[-len(models):]))
+                f"{r['model']} {r['step_s'] * 1e3:8.2f} ms (wall {r['wall_s'] * 1e3:.2f})" for r in rows[-len(models):]))
             del runs
         del prefix_states
     return rows
@@ -90,8 +99,8 @@ def generation_rows(models, *, length, beams, vocab, log=print):
             with torch.no_grad():
                 warm_up.generate([model], sample)
                 hypos = []
-                seconds = timed(lambda: hypos.append(generator.generate([model], sample)))
+                wall, cpu = timed(lambda: hypos.append(generator.generate([model], sample)))
             produced = hypos[0][0][0]["tokens"].numel()
-            rows.append(dict(model=name, beam=beam, length=produced, seconds=seconds))
-            log(f"  beam={beam} {name}: {produced} tokens in {seconds:.2f} s")
+            rows.append(dict(model=name, beam=beam, length=produced, seconds=cpu, wall=wall))
+            log(f"  beam={beam} {name}: {produced} tokens in {cpu:.2f} s CPU ({wall:.2f} s wall)")
     return rows

@@ -29,14 +29,22 @@ def peak_bytes(fn) -> int:
     return peak
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn):
+    """(wall seconds, process CPU seconds) of fn(). With one torch thread the CPU time is the
+    work itself: on a machine shared with other jobs it leaves out the time the process waited
+    for a core, which wall time counts and which swamps differences between models."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def median(xs):
     return statistics.median(xs)
+
+
+def medians(pairs):
+    """Median wall and median CPU seconds of a list of timed() results."""
+    return median([p[0] for p in pairs]), median([p[1] for p in pairs])
 
 
 def machine() -> str:

@@ -1,21 +1,33 @@
 """Markdown tables, the decode plot, the targets of issue 5 and a torch.profiler table of a step."""
+import os
+
 import torch
 
 from .measure import human_bytes
 from .models import prefill
 
 MEMORY_NOTE = ("Memory is counted in torch tensor bytes. *held*: the bytes of every tensor in the "
-               "incremental state (softmax: the key/value cache; T2R: S and z; floor: nothing). *peak in a "
-               "step*: held + the maximum of torch allocations minus frees during one decode step, from "
-               "torch.profiler's memory events (profile_memory=True); it includes the step's activations and "
-               "logits and, for softmax, the new cache that torch.cat builds before the old one is freed. "
-               "Parameters (the same for all three) are not counted. Not RSS: that would mix in the Python "
-               "heap and pages the allocator keeps after a free.")
+               "incremental state after the step (softmax: the key/value cache; T2R: the packed [S | z]; floor: "
+               "nothing; T2R's folded projection weights, kept there once per decoding run and shared by all "
+               "sequences, are not counted). *peak in a step*: the maximum of "
+               "torch allocations minus frees over building that state (a copy of the batch-1 prefix state) and "
+               "then one decode step, from torch.profiler's memory events (profile_memory=True): the state plus "
+               "the step's activations and logits and, for softmax, the new cache torch.cat builds before the "
+               "old one is freed. Parameters (the same for all three) are not counted. Not RSS: that would mix "
+               "in the Python heap and pages the allocator keeps after a free.")
+
+
+TIME_NOTE = ("Times are process CPU time with one torch thread (median over interleaved rounds): on this "
+             "2-core machine shared with other engineers' training jobs, wall time mostly measures how long the "
+             "process waited for a core. CPU time still includes memory stalls, so contention for memory "
+             "bandwidth and caches remains in the numbers. Wall-clock medians are given beside them.")
 
 
 def _header(title, header):
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return [f"# {title}", "", f"Command: `{header['command']}` ({header['date']})", "",
-            f"Machine: {header['machine']}", "", f"Models: {header['shape']}", ""]
+            f"Machine: {header['machine']}; load average when this file was written: {load}", "",
+            f"Models: {header['shape']}", "", TIME_NOTE, ""]
 
 
 def _checks(checks):
@@ -33,22 +45,32 @@ def _target(lines, text, value, ok, fmt="{:.2f}x"):
 def write_decode(out, header, checks, rows, generate, profile):
     lines = _header("Decoding: softmax (kv cache) vs T2R (recurrent state) vs floor", header)
     lines += ["Per step: every sequence in the batch gets one new token through fairseq's incremental "
-              "decoding, `model.decoder(tokens, incremental_state=state)`, after a prefix of L tokens "
-              "(softmax attends over exactly L cached keys in every timed step). Median of interleaved rounds. "
-              "*floor*: the same model with attention mixing removed (q/k/v/out projections, FFN, output "
-              "layer kept): no attention variant can beat it.", "", *_checks(checks)]
+              "decoding, `model.decoder(tokens, incremental_state=state)`, after a prefix of L tokens. The "
+              "prefix is read once at batch 1 (one parallel forward pass; each attention module fills its own "
+              "kv cache or state) and copied to every row with the decoder's reorder_incremental_state, as beam "
+              "search does; softmax attends over exactly L cached keys in every timed step. The three models "
+              "take turns step by step. *floor*: the same model with attention mixing removed (q/k/v/out "
+              "projections, FFN, output layer kept): no attention variant can beat it.", "",
+              "What T2R adds to the floor per layer and step: the packed state [S | z] update (one addcmul_) "
+              "and read (one matmul), on batch x heads x features x (head_dim + 1) float32 numbers (66 KiB per "
+              "sequence and layer here: at batch 16 that is 1 MiB per layer, read twice and written once per "
+              "step), plus a handful of small kernels. What it saves: the feature map is folded into the "
+              "projections, so its fused q/k/v matmul is smaller than the floor's q, k and v projections.",
+              "", *_checks(checks)]
     t = {(r["length"], r["batch"], r["model"]): r for r in rows}
     lengths = sorted({r["length"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
     if rows:
         lines += ["## Time per decode step", "",
-                  "| batch | prefix L | softmax ms | T2R ms | floor ms | softmax / T2R | T2R / floor | T2R(L) / T2R(shortest) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| batch | prefix L | softmax ms | T2R ms | floor ms | softmax / T2R | T2R / floor | "
+                  "T2R(L) / T2R(shortest) | wall ms: softmax / T2R / floor |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for b in batches:
             for n in lengths:
                 s, r, f = (t[(n, b, m)]["step_s"] for m in ("softmax", "t2r", "floor"))
+                walls = " / ".join(f"{t[(n, b, m)]['wall_s'] * 1e3:.1f}" for m in ("softmax", "t2r", "floor"))
                 lines.append(f"| {b} | {n} | {s * 1e3:.2f} | {r * 1e3:.2f} | {f * 1e3:.2f} | {s / r:.2f} | "
-                             f"{r / f:.2f} | {r / t[(lengths[0], b, 't2r')]['step_s']:.2f} |")
+                             f"{r / f:.2f} | {r / t[(lengths[0], b, 't2r')]['step_s']:.2f} | {walls} |")
         lines += ["", "## Memory of decoding", "", MEMORY_NOTE, "",
                   "| batch | prefix L | softmax kv cache held | T2R state held | cache / state | "
                   "softmax peak in a step | T2R peak in a step | floor peak in a step |", "|---|---|---|---|---|---|---|---|"]
@@ -65,12 +87,14 @@ def write_decode(out, header, checks, rows, generate, profile):
         g = {(r["model"], r["beam"]): r for r in generate}
         lines += ["## End to end: fairseq SequenceGenerator", "",
                   "Batch 1, one-token prompt, exactly the given number of tokens generated (min_len = max_len), "
-                  "beam search reorders the incremental state every step. Wall time of one run after a short warm-up run.", "",
-                  "| beam | tokens | softmax s | T2R s | softmax / T2R | T2R tokens/s |", "|---|---|---|---|---|---|"]
+                  "beam search reorders the incremental state every step. One run after a short warm-up run.", "",
+                  "| beam | tokens | softmax s | T2R s | softmax / T2R | T2R tokens/s | wall s: softmax / T2R |",
+                  "|---|---|---|---|---|---|---|"]
         for beam in sorted({r["beam"] for r in generate}):
             s, r = g[("softmax", beam)], g[("t2r", beam)]
             lines.append(f"| {beam} | {r['length']} | {s['seconds']:.2f} | {r['seconds']:.2f} | "
-                         f"{s['seconds'] / r['seconds']:.2f} | {r['length'] / r['seconds']:.0f} |")
+                         f"{s['seconds'] / r['seconds']:.2f} | {r['length'] / r['seconds']:.0f} | "
+                         f"{s['wall']:.1f} / {r['wall']:.1f} |")
         lines.append("")
     if profile:
         lines += ["## Where a step's time goes (torch.profiler, self CPU time)", "", profile, ""]
@@ -99,36 +123,45 @@ def _plot(path, t, lengths, batches):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    def log_axes(ax):
+        ax.set(xscale="log", yscale="log")
+        ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
 
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
     for ax, b in zip(axes, batches):
         for m, style in (("softmax", "o-"), ("t2r", "s-"), ("floor", "^--")):
             ax.plot(lengths, [t[(n, b, m)]["step_s"] * 1e3 for n in lengths], style, label=m)
-        ax.set(xscale="log", yscale="log", xlabel="prefix length", ylabel="ms per decode step",
-               title=f"batch {b}")
-        ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
+        log_axes(ax)
+        ax.set(xlabel="prefix length", ylabel="ms per decode step (CPU time)", title=f"batch {b}")
         ax.legend()
     ax = axes[-1]
     for b in batches:
         ax.plot(lengths, [t[(n, b, "softmax")]["state_bytes"] / 2 ** 20 for n in lengths], "o-", label=f"softmax kv cache, batch {b}")
         ax.plot(lengths, [t[(n, b, "t2r")]["state_bytes"] / 2 ** 20 for n in lengths], "s-", label=f"T2R state, batch {b}")
-    ax.set(xscale="log", yscale="log", xlabel="prefix length", ylabel="MiB held", title="decode state")
-    ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
+    log_axes(ax)
+    ax.set(xlabel="prefix length", ylabel="MiB held", title="decode state: kv cache vs T2R state")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def step_profile(models, length, batch, *, vocab, steps=20):
-    """torch.profiler table (self CPU time) of T2R and floor decode steps at one configuration."""
+def step_profile(models, length, batches, *, vocab, steps=20):
+    """torch.profiler tables (self CPU time) of T2R and floor decode steps, per batch size."""
     from torch.profiler import ProfilerActivity, profile
 
     from .decode import _expand
 
     tokens = torch.randint(4, vocab, (1, length + 1))
     parts = []
-    for name in ("t2r", "floor"):
+    for batch, name in ((b, n) for b in batches for n in ("t2r", "floor")):
         model = models[name]
         with torch.no_grad():
             state = _expand(model, prefill(model, tokens[:, :min(length, 128)]), batch)
@@ -137,7 +170,7 @@ def step_profile(models, length, batch, *, vocab, steps=20):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(steps):
                     model.decoder(step_tokens, incremental_state=state)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
         parts.append(f"{name}, batch {batch}, {steps} steps (T2R's step cost does not depend on the prefix):\n\n"
                      f"```\n{table}\n```")
     return "\n\n".join(parts)
@@ -159,13 +192,15 @@ def write_train(out, header, checks, rows):
             continue
         lines += [f"## {level}", "",
                   "| length | batch | softmax us/token | t2r us/token | t2r-naive us/token | softmax / t2r | "
-                  "softmax KiB/token | t2r KiB/token | t2r-naive KiB/token |", "|---|---|---|---|---|---|---|---|---|"]
+                  "softmax / t2r (wall) | softmax KiB/token | t2r KiB/token | t2r-naive KiB/token |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for n in lengths:
             s, r, q = t[(level, n, "softmax")], t[(level, n, "t2r")], t.get((level, n, "t2r-naive"))
             naive_us = f"{q['token_s'] * 1e6:.1f}" if q else "skipped"
             naive_kib = f"{q['token_bytes'] / 1024:.1f}" if q else "skipped"
             lines.append(f"| {n} | {s['batch']} | {s['token_s'] * 1e6:.1f} | {r['token_s'] * 1e6:.1f} | {naive_us} | "
-                         f"{s['token_s'] / r['token_s']:.2f} | {s['token_bytes'] / 1024:.1f} | "
+                         f"{s['token_s'] / r['token_s']:.2f} | {s['token_wall_s'] / r['token_wall_s']:.2f} | "
+                         f"{s['token_bytes'] / 1024:.1f} | "
                          f"{r['token_bytes'] / 1024:.1f} | {naive_kib} |")
         lines.append("")
     lines += ["## Targets (issue 5)", "", "| target | measured | |", "|---|---|---|"]

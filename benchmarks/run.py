@@ -27,22 +27,28 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
-    p.add_argument("--lengths", type=_ints, default=[128, 256, 512, 1024, 2048, 4096, 8192], help="decode prefix lengths")
+    p.add_argument("--lengths", type=_ints, default=[128, 512, 1024, 2048, 4096, 8192], help="decode prefix lengths")
     p.add_argument("--batches", type=_ints, default=[1, 16], help="decode batch sizes")
-    p.add_argument("--seconds", type=float, default=1.5, help="decode: timed seconds per model and configuration")
-    p.add_argument("--gen-length", type=int, default=1024, help="SequenceGenerator output length")
+    p.add_argument("--seconds", type=float, default=1.0, help="decode: timed seconds per model and configuration")
+    p.add_argument("--gen-length", type=int, default=512, help="SequenceGenerator output length")
     p.add_argument("--beams", type=_ints, default=[1, 5])
     p.add_argument("--train-lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--train-tokens", type=int, default=8192, help="tokens per training step (batch = tokens // length)")
-    p.add_argument("--train-model-lengths", type=_ints, default=[512, 2048, 4096, 8192],
-                   help="lengths for the whole-model training rows (each iteration is seconds long)")
-    p.add_argument("--naive-max-length", type=int, default=4096, help="longest length for the quadratic T2R form")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--train-tokens", type=int, default=8192,
+                   help="tokens per step of the one-layer rows (batch = tokens // length)")
+    p.add_argument("--train-model-lengths", type=_ints, default=[512, 4096],
+                   help="lengths of the whole-model rows (an iteration takes tens of seconds on one core)")
+    p.add_argument("--train-model-tokens", type=int, default=4096, help="tokens per step of the whole-model rows")
+    p.add_argument("--naive-max-length", type=int, default=2048,
+                   help="longest length for the quadratic T2R form (its T x T matrices grow fast)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads. One by default: on a small machine shared with other jobs, threads "
+                        "that wait for each other make timings erratic, and one thread makes CPU time exact")
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.dim, args.heads, args.vocab, args.feature_dim = 2, 128, 4, 1000, 16
         args.lengths, args.batches, args.seconds, args.gen_length = [64, 512], [1, 4], 0.3, 32
         args.train_lengths, args.train_model_lengths, args.train_tokens = [128, 512], [128, 512], 1024
+        args.train_model_tokens = 1024
     args.out = pathlib.Path(args.out or ("/tmp/t2r_bench_quick" if args.quick else "results"))
     args.only = set(args.only.split(","))
     return args
@@ -54,8 +60,7 @@ def main(argv=None):
     logging.disable(logging.WARNING)  # fairseq/hydra chatter
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     from . import report
     from .checks import assert_checks, run_checks
@@ -91,16 +96,18 @@ def main(argv=None):
             log("SequenceGenerator")
             generate = generation_rows({k: models[k] for k in ("softmax", "t2r")}, length=args.gen_length,
                                        beams=args.beams, vocab=args.vocab, log=log)
-        profile = report.step_profile(models, max(args.lengths), max(args.batches), vocab=args.vocab)
+        profile = report.step_profile(models, max(args.lengths), args.batches, vocab=args.vocab)
         report.write_decode(args.out, header, checks, decode, generate, profile)
     if "train" in args.only:
         log("training")
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, levels=("layer",),
                            naive_max_length=args.naive_max_length, vocab=args.vocab, log=log)
-        train += train_rows(models, args.train_model_lengths, tokens=args.train_tokens, levels=("model",),
-                            naive_max_length=min(args.naive_max_length, 2048), vocab=args.vocab, log=log)
+        # One timed round after the (profiled) warm-up: whole-model iterations are long.
+        train += train_rows(models, args.train_model_lengths, tokens=args.train_model_tokens, levels=("model",),
+                            naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
     log(f"done in {time.time() - started:.0f} s; results in {args.out}/")
+    return time.time() - started
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from .measure import median, peak_bytes, timed
+from .measure import medians, peak_bytes, timed
 from .models import self_attention_modules
 
 FORMS = ("softmax", "t2r", "t2r-naive")
@@ -86,8 +86,9 @@ def train_rows(models, lengths, *, tokens, levels=("layer", "model"), naive_max_
                             runs[form]["times"].append(timed(runs[form]["iteration"]))
                 n = batch * length
                 for form, run in runs.items():
-                    rows.append(dict(level=level, length=length, batch=batch, form=form,
-                                     token_s=median(run["times"]) / n, token_bytes=run["peak"] / n))
+                    wall, cpu = medians(run["times"])
+                    rows.append(dict(level=level, length=length, batch=batch, form=form, token_s=cpu / n,
+                                     token_wall_s=wall / n, token_bytes=run["peak"] / n))
                 log(f"  {level:5s} L={length:5d} B={batch:2d}  " + "  ".join(
                     f"{r['form']} {r['token_s'] * 1e6:7.1f} us/tok" for r in rows[-len(runs):]))
     finally:
