@@ -52,9 +52,9 @@ def write_decode(out, header, checks, rows, generate, profile):
               "take turns step by step. *floor*: the same model with attention mixing removed (q/k/v/out "
               "projections, FFN, output layer kept): no attention variant can beat it.", "",
               "What T2R adds to the floor per layer and step: the packed state [S | z] update (one addcmul_) "
-              "and read (one matmul), on batch x heads x features x (head_dim + 1) float32 numbers (66 KiB per "
-              "sequence and layer here: at batch 16 that is 1 MiB per layer, read twice and written once per "
-              "step), plus a handful of small kernels. What it saves: the feature map is folded into the "
+              "and read (one matmul) of batch x heads x features x (head_dim + 1) float32 numbers (the "
+              "T2R state column of the memory table, over all layers), read twice and written once per step, "
+              "plus a handful of small kernels. What it saves: the feature map is folded into the "
               "projections, so its fused q/k/v matmul is smaller than the floor's q, k and v projections.",
               "", *_checks(checks)]
     t = {(r["length"], r["batch"], r["model"]): r for r in rows}
