@@ -42,12 +42,12 @@ def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, min_steps=6, ma
             step_tokens = tokens.expand(batch, -1).contiguous()
             runs = {}
             for name, model in models.items():
-                state = {}
+                state, prefix = {}, prefix_states[name]
 
                 def step(model=model, state=state):
                     model.decoder(step_tokens, incremental_state=state)
 
-                def expand_and_step(model=model, state=state, prefix=prefix_states[name]):
+                def expand_and_step(model=model, state=state, prefix=prefix):
                     state.update(_expand(model, prefix, batch))
                     step()
 
@@ -56,6 +56,8 @@ def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, min_steps=6, ma
                     # of a block it saw allocated (softmax frees its old cache during a step).
                     # Its peak is the state plus the first step's transients; warms up too.
                     peak = peak_bytes(expand_and_step)
+                    state.clear()
+                    state.update(_expand(model, prefix, batch))  # a softmax cache of exactly L keys again
                     held = state_bytes(state)
                     restore = _copy_state(state) if name == "softmax" else None
                     first = timed(step)[0]

@@ -19,7 +19,7 @@ def _ints(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke test in about a minute: a small model, short lengths, output to /tmp")
+                   help="smoke test in under a minute: a small model and short lengths (overrides the size flags)")
     p.add_argument("--only", default="decode,generate,train", help="which benchmarks, comma-separated")
     p.add_argument("--out", default=None, help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
     p.add_argument("--layers", type=int, default=6)
