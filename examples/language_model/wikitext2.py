@@ -95,7 +95,7 @@ def adopted_progress(checkpoint, train_log):
     import torch
 
     updates = torch.load(checkpoint, map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"]
-    walls = [float(w) for n, w in re.findall(r"num_updates=(\d+),.*?wall=(\d+)", train_log.read_text())
+    walls = [float(w) for n, w in re.findall(r"num_updates=(\d+),.*?, wall=(\d+)", train_log.read_text())
              if int(n) <= updates]
     return updates, (walls[-1] / 60 if walls else float("nan"))
 
