@@ -10,7 +10,8 @@
    for the same number of updates;
 5. score every model with `fairseq-eval-lm`, and the swapped model before any finetuning (what
    `t2r-convert` writes);
-6. generation cost as the prefix grows, through fairseq's incremental decoding;
+6. generation cost as the prefix grows, through fairseq's incremental decoding (measured as
+   `make bench` does, benchmarks/decode.py);
 7. `report.md`, `decode_time.png`, `ppl_vs_updates.png` in --out.
 
 Every fairseq command is logged (command line first) to <out>/logs/<name>.log.
@@ -30,14 +31,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import demo_data
-from .demo_report import write_report
+from .demo_report import minutes, write_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "t2r_fairseq"
 BIN = pathlib.Path(sys.executable).parent
-# The steps after which the demo has something to say; used for "[k/N]".
+# How many steps main() runs, for the "[k/N]" progress lines.
 STEPS = 9
-DECODE_TIMED_STEPS = 16
 NEVER = 10 ** 9  # an epoch interval that never comes: validate/save by update count only
 
 
@@ -80,10 +80,6 @@ class Progress:
         self.start = time.time()
         self.step = 0
 
-    def elapsed(self) -> str:
-        seconds = int(time.time() - self.start)
-        return f"{seconds // 60}:{seconds % 60:02d}"
-
     def begin(self, text: str):
         self.step += 1
         self.step_start = time.time()
@@ -94,7 +90,8 @@ class Progress:
 
     def end(self, text: str = "") -> float:
         seconds = time.time() - self.step_start
-        self.note(f"{text + '; ' if text else ''}{seconds:.0f}s (elapsed {self.elapsed()})")
+        took = f"{seconds:.0f}s" if seconds < 60 else minutes(seconds)
+        self.note(f"{text + '; ' if text else ''}took {took} (elapsed {minutes(time.time() - self.start)})")
         return seconds
 
 
@@ -136,7 +133,7 @@ def model_options(a) -> list:
             "--decoder-input-dim", a.embed_dim, "--decoder-output-dim", a.embed_dim,
             "--decoder-ffn-embed-dim", 4 * a.embed_dim, "--decoder-attention-heads", a.heads,
             "--share-decoder-input-output-embed", "--dropout", a.dropout,
-            "--max-target-positions", max(a.tokens_per_sample, a.max_prefix + DECODE_TIMED_STEPS)]
+            "--max-target-positions", max(a.tokens_per_sample, a.max_prefix + 1)]
 
 
 def train_command(a, data_bin, save_dir, updates: int, valid_every: int, extra: list) -> list:
@@ -224,11 +221,26 @@ def train_step(a, title, name, data_bin, out, progress, updates, extra):
             progress.note(f"update {n}/{updates}: valid ppl {ppl:.1f}")
 
     valid_every = max(1, updates // a.validations)
+    cpu_before = children_cpu_seconds()
     log = run(name, train_command(a, data_bin, save_dir, updates, valid_every, extra), out / "logs", progress,
               on_line=report_validation)
     seconds = progress.end()
     return {"checkpoint": save_dir / "checkpoint_best.pt", "updates": updates, "train_seconds": seconds,
-            "curve": valid_curve(log)}
+            "train_cpu_seconds": children_cpu_seconds() - cpu_before, "curve": valid_curve(log)}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of finished subprocesses: unlike wall time, barely changed by other work on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def swap_step(a, softmax_run, out, progress):
@@ -244,7 +256,7 @@ def swap_step(a, softmax_run, out, progress):
     except CheckpointError as e:
         raise DemoError(f"conversion failed: {e}") from None
     progress.end(f"{swapped}: softmax weights reused, {len(new_keys)} new feature-map tensors")
-    return {"checkpoint": swapped, "updates": 0, "train_seconds": None, "curve": []}
+    return {"checkpoint": swapped, "updates": 0, "train_seconds": None, "train_cpu_seconds": None, "curve": []}
 
 
 def score_step(a, runs, data_bin, out, progress):
@@ -268,25 +280,44 @@ def score_step(a, runs, data_bin, out, progress):
     progress.end()
 
 
+def prefix_lengths(max_prefix: int, start: int = 64) -> list:
+    """start, 2 * start, ... up to max_prefix (max_prefix itself always included)."""
+    lengths, length = [], min(start, max_prefix)
+    while length < max_prefix:
+        lengths.append(length)
+        length *= 2
+    return lengths + [max_prefix]
+
+
+def load_lm(path):
+    """A checkpoint as any fairseq user loads it (fairseq's own loader), in eval mode on CPU."""
+    from fairseq import checkpoint_utils
+
+    models, _ = checkpoint_utils.load_model_ensemble([str(path)])
+    return models[0].eval()
+
+
 def decode_step(a, runs, progress):
+    import_fairseq()
     import torch
 
-    from .decode_speed import load_lm, measure_decoding, prefix_lengths
+    from benchmarks.decode import decode_rows
 
     lengths = prefix_lengths(a.max_prefix)
-    progress.begin(f"generation cost, batch 1, 1 thread, prefixes {lengths[0]}..{lengths[-1]} "
-                   f"(fairseq incremental decoding)")
+    progress.begin(f"generation cost per token after prefixes of {lengths[0]}..{lengths[-1]} tokens "
+                   f"(batch 1, 1 thread, fairseq incremental decoding)")
     # One sequence gains nothing from intra-op threads, and one thread keeps timings steady on a
     # machine that also runs other work.
     torch.set_num_threads(1)
-    results = {}
-    for name in ("softmax", "t2r_converted"):
-        results[name] = measure_decoding(load_lm(runs[name]["checkpoint"]), lengths, DECODE_TIMED_STEPS)
-        last = results[name][-1]
-        progress.note(f"{name}: {last['ms_per_token']:.2f} ms/token, {last['state_bytes']:,} bytes of state "
-                      f"at prefix {last['prefix']}")
+    models = {"softmax": load_lm(runs["softmax"]["checkpoint"]), "t2r": load_lm(runs["t2r_converted"]["checkpoint"])}
+    # make bench's measurement: prefill, then time single-token steps, the kv cache put back to L each time.
+    rows = decode_rows(models, lengths, [1], vocab=len(models["softmax"].decoder.dictionary), seconds=1.0,
+                       log=progress.note)
     progress.end()
-    return results
+    # step_s is the step's CPU time on one thread: on an idle core the same as wall time, and on a
+    # shared machine it leaves out the time spent waiting for a core.
+    return {name: [{"prefix": r["length"], "ms_per_token": 1000 * r["step_s"], "wall_ms_per_token": 1000 * r["wall_s"],
+                    "state_bytes": r["state_bytes"]} for r in rows if r["model"] == name] for name in models}
 
 
 def import_fairseq():
@@ -301,10 +332,19 @@ def import_fairseq():
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    # The decode measurement uses torch.profiler, whose C++ side prints status lines to stderr;
+    # both are read when torch loads, which in this process is later.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     out = pathlib.Path(a.out)
     progress = Progress()
+    load_start = os.getloadavg()[0]
     try:
-        raw = demo_data.find_raw_splits(a.data) if a.data else None  # fail before deleting anything
+        if a.data:  # a bad --data fails before anything is deleted
+            demo_data.find_raw_splits(a.data)
+            data = pathlib.Path(a.data).resolve()
+            if (out / "data").resolve() in (data, *data.parents):
+                raise DemoError(f"--data {a.data} is inside {out / 'data'}, which the demo clears first")
         prepare_output(out)
         raw = corpus_step(a, out, progress)
         data_bin = binarize_step(a, raw, out, progress)
@@ -322,10 +362,10 @@ def main(argv=None) -> int:
         score_step(a, runs, data_bin, out, progress)
         decoding = decode_step(a, runs, progress)
         progress.begin(f"report: {out / 'report.md'}, {out / 'decode_time.png'}, {out / 'ppl_vs_updates.png'}")
-        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                   "wall_seconds": time.time() - progress.start,
-                   "cpu_seconds": sum(u.ru_utime + u.ru_stime for u in usage)}
+        machine = {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                   "python": platform.python_version(), "wall_seconds": time.time() - progress.start,
+                   "cpu_seconds": children_cpu_seconds() + sum(os.times()[:2]),
+                   "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}
         table = write_report(out, a, runs, decoding, machine)
         progress.end()
     except (DemoError, demo_data.DataError, OSError) as e:
@@ -336,6 +376,9 @@ def main(argv=None) -> int:
         return 130
     print()
     print(table)
+    print(f"\nWhole demo: {minutes(machine['wall_seconds'])} wall, {minutes(machine['cpu_seconds'])} CPU time "
+          f"on {machine['cpus']} CPUs (1-minute load average {machine['load_average_start']:.1f} at the start). "
+          f"Report and plots: {out}/")
     if not all(math.isfinite(runs[n]["test_ppl"]) for n in ("softmax", "t2r_converted", "t2r_random")):
         print("demo: warning: a perplexity is not finite; see the logs in " + str(out / "logs"), file=sys.stderr)
     return 0

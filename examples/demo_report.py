@@ -18,46 +18,65 @@ def human_bytes(n: int) -> str:
         n /= 1024
 
 
-def minutes(seconds) -> str:
-    return "-" if seconds is None else f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+def minutes(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def tables(runs: dict, decoding: dict) -> str:
     lines = ["Perplexity (BPE tokens; fairseq-eval-lm, lower is better)", "",
-             "| model | initialized from | updates | fairseq-train wall time | valid ppl | test ppl |",
+             "| model | initialized from | updates (softmax + T2R) | fairseq-train wall time (CPU time) | valid ppl | test ppl |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
+    pretrained = runs["softmax"]["updates"]
     for name, model, init in ROWS:
         r = runs[name]
-        lines.append(f"| {model} | {init} | {r['updates']} | {minutes(r['train_seconds'])} "
+        # Swapped models also carry the softmax model's training: count it.
+        updates = f"{pretrained} + {r['updates']}" if init == "softmax weights" else str(r["updates"])
+        took = "-" if r["train_seconds"] is None else \
+            f"{minutes(r['train_seconds'])} ({minutes(r['train_cpu_seconds'])})"
+        lines.append(f"| {model} | {init} | {updates} | {took} "
                      f"| {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} |")
-    lines += ["", "Generation, one sequence, per new token after a prefix of L tokens (fairseq incremental decoding)",
+    lines += ["", "Generation: one sequence, fairseq incremental decoding, cost of the next token after a prefix of "
+              "L tokens (ms: CPU time of one thread, which is wall time on an idle core)",
               "", "| prefix L | softmax ms/token | T2R ms/token | softmax key/value cache | T2R recurrent state |",
               "| ---: | ---: | ---: | ---: | ---: |"]
-    for soft, t2r in zip(decoding["softmax"], decoding["t2r_converted"]):
+    for soft, t2r in zip(decoding["softmax"], decoding["t2r"]):
         lines.append(f"| {soft['prefix']} | {soft['ms_per_token']:.2f} | {t2r['ms_per_token']:.2f} "
                      f"| {human_bytes(soft['state_bytes'])} | {human_bytes(t2r['state_bytes'])} |")
     return "\n".join(lines)
 
 
-def plot_decoding(decoding: dict, path: pathlib.Path):
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_decoding(decoding: dict, path: pathlib.Path):
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, label, style in (("softmax", "softmax (key/value cache)", "o-"), ("t2r_converted", "T2R (RNN state)", "s-")):
+    for name, label, style in (("softmax", "softmax (key/value cache)", "o-"),
+                                 ("t2r", "T2R (recurrent state)", "s-")):
         rows = decoding[name]
         prefixes = [r["prefix"] for r in rows]
         left.plot(prefixes, [r["ms_per_token"] for r in rows], style, label=label)
-        right.plot(prefixes, [r["state_bytes"] / 2 ** 20 for r in rows], style, label=label)
-    for ax, ylabel in ((left, "ms per generated token"), (right, "MiB held between steps")):
+        right.plot(prefixes, [r["state_bytes"] for r in rows], style, label=label)
+    for ax, ylabel in ((left, "ms per token (CPU, 1 thread)"), (right, "held between steps")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(prefixes, [str(p) for p in prefixes])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("prefix length (tokens)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    right.set_yscale("log")
     left.set_ylim(bottom=0)
+    right.set_yscale("log", base=2)
+    # Ticks at powers of 4 bytes read as 1 KiB, 4 KiB, 16 KiB, ...
+    right.yaxis.set_major_locator(LogLocator(base=4))
+    right.yaxis.set_major_formatter(FuncFormatter(lambda y, _: human_bytes(y)))
+    right.yaxis.set_minor_formatter(NullFormatter())
     fig.suptitle("Generation cost as the prefix grows (batch 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -65,9 +84,8 @@ def plot_decoding(decoding: dict, path: pathlib.Path):
 
 
 def plot_curves(runs: dict, path: pathlib.Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     # The converted curve starts from the swapped, not yet finetuned, model at update 0.
@@ -79,6 +97,9 @@ def plot_curves(runs: dict, path: pathlib.Path):
     ax.axhline(runs["softmax"]["valid_ppl"], color="gray", linestyle="--",
                label=f"softmax transformer ({runs['softmax']['updates']} updates)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 10, 20, 50, 100, ...
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("T2R training updates")
     ax.set_ylabel("validation perplexity")
     ax.grid(alpha=0.3, which="both")
@@ -100,9 +121,10 @@ def write_report(out: pathlib.Path, args, runs: dict, decoding: dict, machine: d
         f"Corpus: {args.data or 'Python reference documentation (pydoc_data.topics)'}. Models: {settings}.\n\n"
         f"{text}\n\n"
         "![decode time](decode_time.png)\n\n![perplexity vs updates](ppl_vs_updates.png)\n\n"
-        f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}. "
-        f"Whole demo: {minutes(machine['wall_seconds'])} wall, {machine['cpu_seconds']:.0f} CPU-seconds "
-        f"(wall time depends on what else the machine runs).\n\n"
+        f"Machine: {machine['cpu']}, {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}. "
+        f"Whole demo: {minutes(machine['wall_seconds'])} wall, {minutes(machine['cpu_seconds'])} CPU time "
+        f"(all processes). Wall times grow with other work on the machine: 1-minute load average "
+        f"{machine['load_average_start']:.1f} at the start, {machine['load_average_end']:.1f} at the end.\n\n"
         "Each fairseq command line and its output: `logs/`.\n")
     results = {"args": vars(args), "machine": machine, "decoding": decoding,
                "runs": {name: {k: str(v) if k == "checkpoint" else v for k, v in r.items()}

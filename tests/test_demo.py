@@ -72,10 +72,10 @@ def test_report_has_decode_rows_with_growing_cache_and_constant_state(tiny_demo)
     assert [int(r[0]) for r in rows] == [64, 128]
     decoding = json.loads((out / "results.json").read_text())["decoding"]
     softmax = [r["state_bytes"] for r in decoding["softmax"]]
-    t2r = [r["state_bytes"] for r in decoding["t2r_converted"]]
+    t2r = [r["state_bytes"] for r in decoding["t2r"]]
     assert softmax[1] == 2 * softmax[0] > 0  # the key/value cache grows with the prefix
     assert t2r[0] == t2r[1] > 0  # the recurrent state does not
-    assert all(r["ms_per_token"] > 0 for r in decoding["softmax"] + decoding["t2r_converted"])
+    assert all(r["ms_per_token"] > 0 for r in decoding["softmax"] + decoding["t2r"])
 
 
 def test_data_dir_without_text_is_a_one_line_error(tmp_path):
