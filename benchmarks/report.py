@@ -71,7 +71,9 @@ def write_decode(out, header, checks, rows, generate, profile):
                 walls = " / ".join(f"{t[(n, b, m)]['wall_s'] * 1e3:.1f}" for m in ("softmax", "t2r", "floor"))
                 lines.append(f"| {b} | {n} | {s * 1e3:.2f} | {r * 1e3:.2f} | {f * 1e3:.2f} | {s / r:.2f} | "
                              f"{r / f:.2f} | {r / t[(lengths[0], b, 't2r')]['step_s']:.2f} | {walls} |")
-        lines += ["", "## Memory of decoding", "", MEMORY_NOTE, "",
+        lines += ["", "T2R(L) / T2R(shortest) would be 1.00 without noise (T2R's state has the same size at "
+                  "every length): its spread shows how much the load of this shared machine moves the numbers.",
+                  "", "## Memory of decoding", "", MEMORY_NOTE, "",
                   "| batch | prefix L | softmax kv cache held | T2R state held | cache / state | "
                   "softmax peak in a step | T2R peak in a step | floor peak in a step |", "|---|---|---|---|---|---|---|---|"]
         for b in batches:

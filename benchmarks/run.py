@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
     p.add_argument("--lengths", type=_ints, default=[128, 512, 1024, 2048, 4096, 8192], help="decode prefix lengths")
     p.add_argument("--batches", type=_ints, default=[1, 16], help="decode batch sizes")
-    p.add_argument("--seconds", type=float, default=1.0, help="decode: timed seconds per model and configuration")
+    p.add_argument("--seconds", type=float, default=2.0, help="decode: timed seconds per model and configuration")
     p.add_argument("--gen-length", type=int, default=512, help="SequenceGenerator output length")
     p.add_argument("--beams", type=_ints, default=[1, 5])
     p.add_argument("--train-lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192])
