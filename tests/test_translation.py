@@ -9,6 +9,8 @@ CLI level, on a tiny parallel corpus made here (source: a sentence of Python's d
 target: the same words reversed): fairseq-preprocess, a softmax teacher under fairseq-train,
 conversion by `--task t2r_translation --convert-from` and by `t2r-convert`, then fairseq-generate
 (beam 5) and fairseq-interactive, and batch-size invariance of the generated hypotheses.
+
+Recipe level: examples/translation/multi30k.py end to end at a tiny size (needs ../shared/data).
 """
 import random
 import re
@@ -296,8 +298,9 @@ MULTI30K = ROOT.parent / "shared/data/multi30k"
 TINY_RECIPE = ["--train-lines", 200, "--valid-lines", 30, "--test-lines", 20, "--vocab", 300, "--layers", 1,
                "--embed-dim", 32, "--ffn-dim", 64, "--heads", 2, "--feature-dim", 8, "--teacher-updates", 8,
                "--finetune-updates", 3, "--max-tokens", 1024,
-               # The ELU row runs the same code path with one more flag; skipping it saves two CLI runs.
-               "--rows", "teacher,t2r_pretrain"]
+               # The ELU row runs the same code path as T2R with one more flag, and the interleaved
+               # re-timing repeats the rows' own generate runs: skipping both saves five CLI runs.
+               "--rows", "teacher,t2r_pretrain,teacher_continued", "--speed-repeats", 0]
 
 
 @pytest.mark.skipif(not (MULTI30K / "train.en").is_file(), reason=f"needs Multi30k at {MULTI30K}")
@@ -310,18 +313,21 @@ def test_multi30k_recipe_runs_at_tiny_size(tmp_path):
            "--results", results, *TINY_RECIPE]
     run(cmd)
     recorded = json.loads(results.read_text())
-    assert set(recorded) == {"teacher", "t2r_pretrain", "setup"}
-    for name, updates in (("teacher", 8), ("t2r_pretrain", 3)):
+    assert set(recorded) == {"teacher", "t2r_pretrain", "teacher_continued", "setup"}
+    # teacher_continued gets exactly the updates T2R's finetuning got.
+    for name, updates in (("teacher", 8), ("t2r_pretrain", 3), ("teacher_continued", 3)):
         row = recorded[name]
-        assert 0.0 <= row["bleu"] <= 100.0 and row["sentences_per_s"] > 0 and row["updates"] == updates, row
+        assert 0.0 <= row["bleu"] <= 100.0 and row["updates"] == updates, row
+        assert row["sentences_per_s_runs"] == [row["sentences_per_s"]] and row["sentences_per_s"] > 0
         hyps = (tmp_path / f"work/{name}.test.de").read_text().splitlines()
         assert len(hyps) == 20 and "▁" not in "".join(hyps)  # detokenized: sentencepiece pieces joined
     commands = "\n".join(recorded["setup"]["commands"])
     assert "--task t2r_translation" in commands and "--convert-from" in commands
+    assert "--finetune-from-model" in commands
     assert {"machine", "date"} <= set(recorded["setup"])
     # Resumable: recorded rows are not trained again.
     again = run(cmd)
-    assert again.stdout.count("recorded already") == 2, again.stdout
+    assert again.stdout.count("recorded already") == 3, again.stdout
     # The README's fairseq-interactive command, with the recipe's sentencepiece model.
     work = tmp_path / "work"
     line = tmp_path / "input.en"
