@@ -30,7 +30,7 @@ def _expand(model, state, batch):
     return state
 
 
-def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, min_steps=6, max_steps=60, seed=0, log=print):
+def decode_rows(models, lengths, batches, *, vocab, seconds=3.0, min_steps=6, max_steps=200, seed=0, log=print):
     """One row per (L, B, model): median seconds per step, state bytes, peak bytes during a step."""
     rows = []
     g = torch.Generator().manual_seed(seed)
@@ -82,6 +82,33 @@ def decode_rows(models, lengths, batches, *, vocab, seconds=2.0, min_steps=6, ma
                 f"{r['model']} {r['step_s'] * 1e3:8.2f} ms (wall {r['wall_s'] * 1e3:.2f})" for r in rows[-len(models):]))
             del runs
         del prefix_states
+    return rows
+
+
+def constant_cost_rows(model, lengths, batches, *, vocab, seconds=3.0, seed=0, log=print):
+    """T2R alone, one state per prefix length, stepped in turn (L1 L2 ... L1 L2 ...): whether a step
+    costs the same after any prefix, without the drift of machine load between the
+    configurations that decode_rows measures minutes apart."""
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, vocab, (1, max(lengths) + 1), generator=g)
+    with torch.no_grad():
+        prefix_states = {n: prefill(model, tokens[:, :n]) for n in lengths}
+        for batch in batches:
+            step_tokens = {n: tokens[:, :n + 1].expand(batch, -1).contiguous() for n in lengths}
+            states = {n: _expand(model, prefix_states[n], batch) for n in lengths}
+            for n in lengths:  # warm-up
+                model.decoder(step_tokens[n], incremental_state=states[n])
+            first = timed(lambda: model.decoder(step_tokens[lengths[0]], incremental_state=states[lengths[0]]))[0]
+            times = {n: [] for n in lengths}
+            for _ in range(max(6, int(seconds / first))):
+                for n in lengths:
+                    times[n].append(timed(lambda: model.decoder(step_tokens[n], incremental_state=states[n])))
+            for n in lengths:
+                wall, cpu = medians(times[n])
+                rows.append(dict(length=n, batch=batch, step_s=cpu, wall_s=wall))
+            log(f"  t2r B={batch:2d}  " + "  ".join(f"L={r['length']} {r['step_s'] * 1e3:.2f} ms"
+                                                   for r in rows[-len(lengths):]))
     return rows
 
 

@@ -42,7 +42,7 @@ def _target(lines, text, value, ok, fmt="{:.2f}x"):
                  f"{'met' if ok else 'MISSED' if value is not None else '-'} |")
 
 
-def write_decode(out, header, checks, rows, generate, profile):
+def write_decode(out, header, checks, rows, constant, generate, profile):
     lines = _header("Decoding: softmax (kv cache) vs T2R (recurrent state) vs floor", header)
     lines += ["Per step: every sequence in the batch gets one new token through fairseq's incremental "
               "decoding, `model.decoder(tokens, incremental_state=state)`, after a prefix of L tokens. The "
@@ -72,8 +72,22 @@ def write_decode(out, header, checks, rows, generate, profile):
                 lines.append(f"| {b} | {n} | {s * 1e3:.2f} | {r * 1e3:.2f} | {f * 1e3:.2f} | {s / r:.2f} | "
                              f"{r / f:.2f} | {r / t[(lengths[0], b, 't2r')]['step_s']:.2f} | {walls} |")
         lines += ["", "T2R(L) / T2R(shortest) would be 1.00 without noise (T2R's state has the same size at "
-                  "every length): its spread shows how much the load of this shared machine moves the numbers.",
-                  "", "## Memory of decoding", "", MEMORY_NOTE, "",
+                  "every length): its spread shows how much the load of this shared machine moves the numbers "
+                  "between configurations measured minutes apart. The next table measures it side by side.", ""]
+    c = {(r["length"], r["batch"]): r for r in constant}
+    if constant:
+        c_lengths = sorted({r["length"] for r in constant})
+        lines += ["## T2R after every prefix length, side by side", "",
+                  "The T2R model alone, one state per prefix length, stepped in turn (one step after each prefix, "
+                  "then again): only the prefix length differs.", "",
+                  "| batch | " + " | ".join(f"L={n} ms" for n in c_lengths) + " | longest / shortest |",
+                  "|---|" + "---|" * (len(c_lengths) + 1)]
+        for b in sorted({r["batch"] for r in constant}):
+            lines.append(f"| {b} | " + " | ".join(f"{c[(n, b)]['step_s'] * 1e3:.2f}" for n in c_lengths)
+                         + f" | {c[(c_lengths[-1], b)]['step_s'] / c[(c_lengths[0], b)]['step_s']:.2f} |")
+        lines.append("")
+    if rows:
+        lines += ["## Memory of decoding", "", MEMORY_NOTE, "",
                   "| batch | prefix L | softmax kv cache held | T2R state held | cache / state | "
                   "softmax peak in a step | T2R peak in a step | floor peak in a step |", "|---|---|---|---|---|---|---|---|"]
         for b in batches:
@@ -83,7 +97,7 @@ def write_decode(out, header, checks, rows, generate, profile):
                              f"{s['state_bytes'] / r['state_bytes']:.0f} | {human_bytes(s['peak_bytes'])} | "
                              f"{human_bytes(r['peak_bytes'])} | {human_bytes(f['peak_bytes'])} |")
         lines += ["", "![decode step time](bench_decode.png)", ""]
-        lines += _decode_targets(t, lengths, batches)
+        lines += _decode_targets(t, c, lengths, batches)
         _plot(out / "bench_decode.png", t, lengths, batches)
     if generate:
         g = {(r["model"], r["beam"]): r for r in generate}
@@ -103,12 +117,12 @@ def write_decode(out, header, checks, rows, generate, profile):
     (out / "bench_decode.md").write_text("\n".join(lines))
 
 
-def _decode_targets(t, lengths, batches):
+def _decode_targets(t, c, lengths, batches):
     lines = ["## Targets (issue 5)", "", "| target | measured | |", "|---|---|---|"]
     for b in batches:
-        lo, hi = t.get((128, b, "t2r")), t.get((8192, b, "t2r"))
+        lo, hi = c.get((128, b)), c.get((8192, b))
         ratio = hi["step_s"] / lo["step_s"] if lo and hi else None
-        _target(lines, f"T2R step at prefix 8192 within 1.10x of prefix 128, batch {b}", ratio,
+        _target(lines, f"T2R step at prefix 8192 within 1.10x of prefix 128, batch {b} (side by side)", ratio,
                 ratio is not None and ratio <= 1.10)
         worst = max((t[(n, b, "t2r")]["step_s"] / t[(n, b, "floor")]["step_s"], n) for n in lengths)
         _target(lines, f"T2R within 1.15x of the floor at every length, batch {b} (worst: L={worst[1]})",

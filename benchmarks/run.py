@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
     p.add_argument("--lengths", type=_ints, default=[128, 512, 1024, 2048, 4096, 8192], help="decode prefix lengths")
     p.add_argument("--batches", type=_ints, default=[1, 16], help="decode batch sizes")
-    p.add_argument("--seconds", type=float, default=2.0, help="decode: timed seconds per model and configuration")
+    p.add_argument("--seconds", type=float, default=3.0, help="decode: timed seconds per model and configuration")
     p.add_argument("--gen-length", type=int, default=512, help="SequenceGenerator output length")
     p.add_argument("--beams", type=_ints, default=[1, 5])
     p.add_argument("--train-lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192])
@@ -64,7 +64,7 @@ def main(argv=None):
 
     from . import report
     from .checks import assert_checks, run_checks
-    from .decode import decode_rows, generation_rows
+    from .decode import constant_cost_rows, decode_rows, generation_rows
     from .measure import machine
     from .models import build_models
     from .train import train_rows
@@ -88,16 +88,19 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
 
     if args.only & {"decode", "generate"}:
-        decode, generate = [], []
+        decode, constant, generate = [], [], []
         if "decode" in args.only:
             log("decode steps")
             decode = decode_rows(models, args.lengths, args.batches, vocab=args.vocab, seconds=args.seconds, log=log)
+            log("T2R after every prefix length, side by side")
+            constant = constant_cost_rows(models["t2r"], args.lengths, args.batches, vocab=args.vocab,
+                                          seconds=args.seconds, log=log)
         if "generate" in args.only:
             log("SequenceGenerator")
             generate = generation_rows({k: models[k] for k in ("softmax", "t2r")}, length=args.gen_length,
                                        beams=args.beams, vocab=args.vocab, log=log)
         profile = report.step_profile(models, max(args.lengths), args.batches, vocab=args.vocab)
-        report.write_decode(args.out, header, checks, decode, generate, profile)
+        report.write_decode(args.out, header, checks, decode, constant, generate, profile)
     if "train" in args.only:
         log("training")
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, levels=("layer",),
