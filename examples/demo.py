@@ -24,6 +24,7 @@ import pathlib
 import platform
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def run(name: str, cmd: list, logs: pathlib.Path, progress: Progress, on_line=No
     log_path = logs / f"{name}.log"
     lines = []
     with open(log_path, "w") as log:
-        log.write(" ".join(cmd) + "\n\n")
+        log.write(shlex.join(cmd) + "\n\n")  # copy-paste to rerun
         log.flush()
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -188,7 +189,7 @@ def corpus_step(a, out, progress):
     else:
         progress.begin("corpus: Python's reference documentation (pydoc_data.topics, shipped with Python)")
         raw = demo_data.write_pydoc_splits(out / "data" / "raw")
-    words = {s: sum(len(line.split()) for line in open(p, encoding="utf-8", errors="replace")) for s, p in raw.items()}
+    words = {s: demo_data.count_words(p) for s, p in raw.items()}
     if not words["train"] or not words["valid"] or not words["test"]:
         raise DemoError(f"empty split(s): {', '.join(s for s, n in words.items() if not n)}")
     progress.end(", ".join(f"{s} {n:,} words" for s, n in words.items()))
@@ -238,7 +239,7 @@ def cpu_model() -> str:
 
 
 def children_cpu_seconds() -> float:
-    """CPU time of finished subprocesses: unlike wall time, barely changed by other work on the machine."""
+    """CPU time of finished subprocesses: much less affected than wall time by other work on the machine."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 

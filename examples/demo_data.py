@@ -30,6 +30,11 @@ def find_raw_splits(data_dir) -> dict:
     raise DataError(f"--data {data_dir}: expected raw text files {expected}")
 
 
+def count_words(path) -> int:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return sum(len(line.split()) for line in f)
+
+
 def pydoc_paragraphs() -> list:
     """Paragraphs of Python's reference docs, each on one line (hard wraps undone)."""
     import pydoc_data.topics

@@ -12,7 +12,10 @@ import torch
 
 from helpers import BIN, MODEL, TRAIN, USER_DIR, run
 
-NO_DROPOUT = [a if a != 0.1 else 0.0 for a in MODEL]
+# wiki103 defaults carry attention and activation dropout too. Any dropout breaks the
+# 2-process == --update-freq 2 comparison: fairseq seeds every rank alike at each update, while
+# one process draws the second micro-batch's masks from where the first left the generator.
+NO_DROPOUT = [a if a != 0.1 else 0.0 for a in MODEL] + ["--attention-dropout", 0.0, "--activation-dropout", 0.0]
 
 
 def _train_cmd(root, save, updates, extra=()):
