@@ -98,3 +98,22 @@ def test_attention_transfer_trains_only_feature_maps_first(lm_workdir):
     if fresh is not None:  # same seed, same init: the feature maps moved
         assert not torch.equal(student["decoder.layers.0.self_attn.feature_map.weight"],
                                fresh["decoder.layers.0.self_attn.feature_map.weight"])
+
+
+def test_stream_scoring_cli_scores_every_token_and_refuses_softmax(lm_workdir):
+    converted = lm_workdir / "stream/t2r.pt"
+    run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", converted])
+    stream = run(["t2r-eval-stream", lm_workdir / "bin", "--path", converted, "--gen-subset", "valid",
+                  "--block", 32, "--streams", 3, "--cpu"])
+    windowed = run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", converted,
+                    "--gen-subset", "valid", "--tokens-per-sample", 64, "--context-window", 32,
+                    "--required-batch-size-multiple", 1, "--cpu"])
+    scored = int(re.search(r"scored (\d+) tokens", stream.stderr).group(1))
+    evaluated = int(re.search(r"Evaluated ([0-9,]+) tokens", windowed.stderr).group(1).replace(",", ""))
+    assert scored == evaluated  # the same tokens, each scored once
+    assert 1.0 < _perplexity(stream.stderr) < 1e5
+
+    refused = run(["t2r-eval-stream", lm_workdir / "bin", "--path", lm_workdir / "softmax/checkpoint_last.pt",
+                   "--cpu"], check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "every decoder layer to be T2R" in refused.stderr, refused.stderr[-2000:]
