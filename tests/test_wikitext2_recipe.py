@@ -1,0 +1,35 @@
+"""examples/language_model/wikitext2.py (the README's WikiText-2 command) end to end at a tiny
+size, on WikiText-style files written from Python's reference docs."""
+import json
+import sys
+
+from helpers import ROOT, run, write_corpus
+
+TINY = ["--vocab", 400, "--teacher-updates", 8, "--tokens-per-sample", 32, "--max-tokens", 256,
+        "--rows", "teacher,t2r_pretrain,hybrid_50,teacher_continued"]
+
+
+def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
+    raw = write_corpus(tmp_path / "raw", n_train=600, n_valid=60, n_test=60)
+    data = tmp_path / "wikitext-2"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"wiki.{split}.tokens").write_text((raw / f"{split}.txt").read_text())
+    results = tmp_path / "wikitext2.json"
+    cmd = [sys.executable, ROOT / "examples/language_model/wikitext2.py", "--data", data, "--work",
+           tmp_path / "work", "--results", results, *TINY]
+    run(cmd)
+    recorded = json.loads(results.read_text())
+    assert set(recorded) == {"teacher", "t2r_pretrain", "hybrid_50", "teacher_continued", "setup"}
+    # Finetunes (and the continued teacher) get a quarter of the teacher's updates.
+    for name, updates in (("teacher", 8), ("t2r_pretrain", 2), ("hybrid_50", 2), ("teacher_continued", 2)):
+        row = recorded[name]
+        assert row["updates"] == updates and 1.0 < row["valid_ppl"] < 1e4 and 1.0 < row["test_ppl"] < 1e4, row
+    assert recorded["t2r_pretrain"]["init"] == "teacher" and recorded["t2r_pretrain"]["feature_map"] == "t2r"
+    # Stream scoring needs every layer recurrent: the hybrid has none.
+    assert 1.0 < recorded["t2r_pretrain"]["test_ppl_stream"] < 1e4
+    assert "test_ppl_stream" not in recorded["hybrid_50"]
+    assert "--teacher-updates 8" in recorded["setup"]["commands"]
+    # Resumable: recorded rows are not trained again.
+    again = run(cmd)
+    assert again.stdout.count("recorded already") == 4, again.stdout
