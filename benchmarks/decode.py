@@ -112,24 +112,32 @@ def constant_cost_rows(model, lengths, batches, *, vocab, seconds=3.0, seed=0, l
     return rows
 
 
-def generation_rows(models, *, length, beams, vocab, log=print):
-    """fairseq SequenceGenerator producing exactly `length` tokens (min_len = max_len) from a
-    one-token prompt, batch 1, for every beam size; wall time per run."""
+def sequence_generation(model, *, length, beam=1):
+    """A call that has fairseq's SequenceGenerator produce exactly `length` tokens (min_len = max_len)
+    from a one-token prompt, batch 1, and returns the best hypothesis's tokens (with the final eos)."""
     from fairseq.sequence_generator import SequenceGenerator
 
-    rows = []
-    dictionary = next(iter(models.values())).decoder.dictionary
+    dictionary = model.decoder.dictionary
     sample = {"net_input": {"src_tokens": torch.tensor([[dictionary.eos()]]), "src_lengths": torch.tensor([1])}}
+    generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=length, min_len=length)
+
+    def generate():
+        with torch.no_grad():
+            return generator.generate([model], sample)[0][0]["tokens"]
+
+    return generate
+
+
+def generation_rows(models, *, length, beams, vocab, log=print):
+    """sequence_generation for every model and beam size; CPU and wall time of one run after a warm-up."""
+    rows = []
     for beam in beams:
         for name, model in models.items():
-            generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=length,
-                                          min_len=length)
-            warm_up = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=8, min_len=8)
-            with torch.no_grad():
-                warm_up.generate([model], sample)
-                hypos = []
-                wall, cpu = timed(lambda: hypos.append(generator.generate([model], sample)))
-            produced = hypos[0][0][0]["tokens"].numel()
+            generate = sequence_generation(model, length=length, beam=beam)
+            sequence_generation(model, length=8, beam=beam)()  # warm-up
+            tokens = []
+            wall, cpu = timed(lambda: tokens.append(generate()))
+            produced = tokens[0].numel()
             rows.append(dict(model=name, beam=beam, length=produced, seconds=cpu, wall=wall))
             log(f"  beam={beam} {name}: {produced} tokens in {cpu:.2f} s CPU ({wall:.2f} s wall)")
     return rows

@@ -23,11 +23,11 @@ TIME_NOTE = ("Times are process CPU time with one torch thread (median over inte
              "bandwidth and caches remains in the numbers. Wall-clock medians are given beside them.")
 
 
-def _header(title, header):
+def _header(title, header, note=TIME_NOTE):
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return [f"# {title}", "", f"Command: `{header['command']}` ({header['date']})", "",
             f"Machine: {header['machine']}; load average when this file was written: {load}", "",
-            f"Models: {header['shape']}", "", TIME_NOTE, ""]
+            f"Models: {header['shape']}", "", note, ""]
 
 
 def _checks(checks):
@@ -228,3 +228,36 @@ def write_train(out, header, checks, rows):
             _target(lines, f"{text} ({level}; {'softmax / t2r' if n == 4096 else 't2r / softmax'})", value,
                     value is not None and ok(value))
     (out / "bench_train.md").write_text("\n".join(lines + [""]))
+
+
+def write_memory(out, header, rows):
+    """results of generation_memory.memory_rows: the RSS table, long/short ratios, the target."""
+    from .generation_memory import __doc__ as method
+
+    lines = _header("Generation memory: T2R (constant-size state) vs softmax (key/value cache)", header,
+                    note=" ".join(method.split()))
+    lines += ["| model | tokens generated | RSS before generating (baseline) | peak RSS while generating | "
+              "increment (peak - baseline) | CPU s | wall s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['length']} | {human_bytes(r['baseline_bytes'])} | "
+                     f"{human_bytes(r['peak_bytes'])} | {human_bytes(r['increment_bytes'])} | {r['seconds']:.1f} | "
+                     f"{r['wall']:.1f} |")
+    t = {(r["model"], r["length"]): r for r in rows}
+    short, long = min(r["length"] for r in rows), max(r["length"] for r in rows)
+    lines += ["", f"## {long} tokens vs {short}", "",
+              "The baseline (Python, torch, fairseq and the model's weights) dominates the peak, so the increments "
+              "are given too: they are what generation itself adds.", "",
+              f"| model | peak({long}) / peak({short}) | increment({long}) / increment({short}) | "
+              f"increment({long}) - increment({short}) |", "|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        s, n = t[(model, short)], t[(model, long)]
+        # An increment can be 0 (or a page negative): the generation then fit in pages already resident.
+        ratio = (f"{n['increment_bytes'] / s['increment_bytes']:.2f}" if s["increment_bytes"] > 0
+                 else f"- (no increment at {short})")
+        lines.append(f"| {model} | {n['peak_bytes'] / s['peak_bytes']:.3f} | {ratio} | "
+                     f"{human_bytes(n['increment_bytes'] - s['increment_bytes'])} |")
+    growth = t[("t2r", long)]["peak_bytes"] / t[("t2r", short)]["peak_bytes"]
+    lines += ["", "## Target (issue 8)", "", "| target | measured | |", "|---|---|---|"]
+    _target(lines, f"T2R peak RSS generating {long} tokens grows < 5% over generating {short}",
+            growth, growth < 1.05, fmt="{:.3f}x")
+    (out / "generation_memory.md").write_text("\n".join(lines + [""]))

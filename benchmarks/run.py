@@ -1,7 +1,7 @@
-"""Entry point: `python -m benchmarks.run [--quick] [--only decode,generate,train] [sizes...]`.
+"""Entry point: `python -m benchmarks.run [--quick] [--only decode,generate,train,memory] [sizes...]`.
 
 Checks numerically that the timed forms agree, then measures and writes markdown tables (and a
-plot) under --out: bench_decode.md, bench_decode.png, bench_train.md.
+plot) under --out: bench_decode.md, bench_decode.png, bench_train.md, generation_memory.md.
 """
 import argparse
 import datetime
@@ -20,7 +20,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="smoke test in under a minute: a small model and short lengths (overrides the size flags)")
-    p.add_argument("--only", default="decode,generate,train", help="which benchmarks, comma-separated")
+    p.add_argument("--only", default="decode,generate,train,memory", help="which benchmarks, comma-separated")
     p.add_argument("--out", default=None, help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--dim", type=int, default=512)
@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--seconds", type=float, default=3.0, help="decode: timed seconds per model and configuration")
     p.add_argument("--gen-length", type=int, default=512, help="SequenceGenerator output length")
     p.add_argument("--beams", type=_ints, default=[1, 5])
+    p.add_argument("--memory-lengths", type=_ints, default=[512, 8192],
+                   help="memory: tokens generated, each in a fresh process (peak RSS of the longest vs the shortest)")
     p.add_argument("--train-lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192])
     p.add_argument("--train-tokens", type=int, default=8192,
                    help="tokens per step of the one-layer rows (batch = tokens // length)")
@@ -49,6 +51,7 @@ def parse_args(argv=None):
         args.lengths, args.batches, args.seconds, args.gen_length = [64, 512], [1, 4], 0.3, 32
         args.train_lengths, args.train_model_lengths, args.train_tokens = [128, 512], [128, 512], 1024
         args.train_model_tokens = 1024
+        args.memory_lengths = [32, 128]
     args.out = pathlib.Path(args.out or ("/tmp/t2r_bench_quick" if args.quick else "results"))
     args.only = set(args.only.split(","))
     return args
@@ -65,6 +68,7 @@ def main(argv=None):
     from . import report
     from .checks import assert_checks, run_checks
     from .decode import constant_cost_rows, decode_rows, generation_rows
+    from .generation_memory import memory_rows
     from .measure import machine
     from .models import build_models
     from .train import train_rows
@@ -109,6 +113,12 @@ def main(argv=None):
         train += train_rows(models, args.train_model_lengths, tokens=args.train_model_tokens, levels=("model",),
                             naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
+    if "memory" in args.only:
+        log("generation memory (a fresh process per model and length)")
+        memory = memory_rows(args.memory_lengths, threads=args.threads, log=log,
+                             shape=dict(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab,
+                                        feature_dim=args.feature_dim))
+        report.write_memory(args.out, header, memory)
     log(f"done in {time.time() - started:.0f} s; results in {args.out}/")
     return time.time() - started
 
