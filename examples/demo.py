@@ -52,16 +52,16 @@ def parse_args(argv=None):
     p.add_argument("--data", help="directory of raw text: train.txt/valid.txt/test.txt or WikiText-style "
                                   "wiki.{train,valid,test}.tokens (default: Python's reference docs)")
     p.add_argument("--out", default="runs/demo", help="output directory (its demo outputs are overwritten)")
-    size = p.add_argument_group("sizes (defaults fit about 10 minutes on 2 CPU cores)")
+    size = p.add_argument_group("sizes (defaults: about 4 minutes on 2 idle CPU cores)")
     size.add_argument("--vocab-size", type=int, default=2000, help="sentencepiece BPE vocabulary")
-    size.add_argument("--layers", type=int, default=3)
-    size.add_argument("--embed-dim", type=int, default=192, help="model width; FFN is 4x")
+    size.add_argument("--layers", type=int, default=2)
+    size.add_argument("--embed-dim", type=int, default=128, help="model width; FFN is 4x")
     size.add_argument("--heads", type=int, default=4)
     size.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head (--t2r-feature-dim)")
     size.add_argument("--tokens-per-sample", type=int, default=128, help="training block length")
     size.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch")
-    size.add_argument("--pretrain-updates", type=int, default=600, help="softmax pretraining updates")
-    size.add_argument("--finetune-updates", type=int, default=300,
+    size.add_argument("--pretrain-updates", type=int, default=500, help="softmax pretraining updates")
+    size.add_argument("--finetune-updates", type=int, default=200,
                       help="T2R updates, both swap-then-finetune and random init")
     size.add_argument("--validations", type=int, default=10, help="validations per finetuning run (the curve)")
     size.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every run")
