@@ -47,7 +47,8 @@ def test_any_prefix_split_then_steps_equals_whole(split, chunk, seed):
     torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# float16 runs on CPU too: its narrow range (max 65504) is what a float32 state must protect.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sixteen_thousand_tokens_stay_finite_and_bounded(dtype):
     """The normalizer z grows linearly with length; S and z live in float32, and the output, a
     weighted average of values, stays within their range at every position."""
@@ -66,7 +67,7 @@ def test_sixteen_thousand_tokens_stay_finite_and_bounded(dtype):
     torch.testing.assert_close(step.float(), out[:, :, -1:].float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_sixteen_thousand_decode_steps_stay_finite(dtype):
     """16k generation steps through the attention module's incremental path (what fairseq's
     decoder calls per token): the output stays finite and within the values' range, the state
