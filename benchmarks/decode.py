@@ -4,7 +4,7 @@ end-to-end fairseq SequenceGenerator runs.
 
 Per (prefix length L, batch B): the prefix is read once at batch 1 (`models.prefill`) and copied to
 B rows with the decoder's own reorder_incremental_state (what beam search does); then single-token
-steps are timed. The softmax cache is put back to length L before every step (outside the timer),
+steps are timed. Key/value caches are put back to length L before every step (outside the timer),
 so each step attends over exactly L keys; T2R's state is constant-size and simply keeps going.
 Models take turns step by step (A B C, B C A, ...), so that changes in machine load hit all three
 alike; each gets as many steps as fit in `seconds` (within min_steps..max_steps).
@@ -59,7 +59,9 @@ def decode_rows(models, lengths, batches, *, vocab, seconds=3.0, min_steps=6, ma
                     state.clear()
                     state.update(_expand(model, prefix, batch))  # a softmax cache of exactly L keys again
                     held = state_bytes(state)
-                    restore = _copy_state(state) if name == "softmax" else None
+                    # Put back before every step: undoes a key/value cache's growth (softmax or a
+                    # hybrid's softmax layers); T2R's in-place state just keeps going.
+                    restore = _copy_state(state)
                     first = timed(step)[0]
                 runs[name] = dict(step=step, state=state, restore=restore, held=held, peak=peak, times=[],
                                   steps=max(min_steps, min(max_steps, int(seconds / first))))
@@ -70,9 +72,8 @@ def decode_rows(models, lengths, batches, *, vocab, seconds=3.0, min_steps=6, ma
                         run = runs[name]
                         if i >= run["steps"]:
                             continue
-                        if run["restore"] is not None:
-                            run["state"].clear()
-                            run["state"].update(_copy_state(run["restore"]))
+                        run["state"].clear()
+                        run["state"].update(_copy_state(run["restore"]))
                         run["times"].append(timed(run["step"]))
             for name, run in runs.items():
                 wall, cpu = medians(run["times"])

@@ -33,3 +33,11 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
     # Resumable: recorded rows are not trained again.
     again = run(cmd)
     assert again.stdout.count("recorded already") == 4, again.stdout
+
+    # The hybrid trade-off's speed half: decode cost per row and prefix length.
+    run([sys.executable, ROOT / "examples/language_model/decode_speed.py", "--work", tmp_path / "work", "--results",
+         results, "--lengths", "16,48", "--seconds", 0.05])
+    recorded = json.loads(results.read_text())
+    for name in ("teacher", "hybrid_50", "t2r_pretrain"):
+        costs = recorded[name]["decode_ms_per_token"]
+        assert set(costs) == {"16", "48"} and all(ms > 0 for ms in costs.values()), costs
