@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from fairseq import metrics
+from fairseq import metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
@@ -119,7 +119,7 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("nll_loss", total("nll_loss") / ntokens / math.log(2), ntokens, round=3)
         metrics.log_scalar("transfer_loss", total("transfer_loss") / ntokens, ntokens, round=4)
-        metrics.log_derived("ppl", lambda meters: 2 ** meters["nll_loss"].avg)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))  # rounded, as fairseq logs it
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
