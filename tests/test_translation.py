@@ -337,3 +337,22 @@ def test_multi30k_recipe_runs_at_tiny_size(tmp_path):
                "--sentencepiece-model", work / "spm/spm.model", "--source-lang", "en", "--target-lang", "de",
                "--max-len-b", 10, "--cpu", "--input", line]).stdout
     assert re.search(r"^D-0\t\S+\t[^▁]*$", out, flags=re.M), out
+
+
+def test_attention_transfer_criterion_trains_translation(workdir):
+    """t2r_attention_transfer on t2r_translation: the transfer term is logged each update, and in
+    the feature-map-only stage nothing but feature maps moves (decoder self- and cross-attention)."""
+    save = workdir / "transfer"
+    train = [a for a in TRAIN if a not in ("label_smoothed_cross_entropy", "--label-smoothing", 0.1)]
+    train[train.index("--criterion") + 1] = "t2r_attention_transfer"
+    out = run(["fairseq-train", workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_translation",
+               "--convert-from", workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_transformer", *TINY_MT,
+               *train, "--attention-transfer-only-updates", 3, "--max-update", 3, "--save-dir", save,
+               "--log-interval", 1, "--disable-validation"])
+    log = out.stdout + out.stderr
+    transfer = [float(x) for x in re.findall(r"transfer_loss=([0-9.]+)", log)]
+    assert len(transfer) == 3 and all(t > 0 for t in transfer), log[-3000:]
+    student = torch.load(save / "checkpoint_last.pt")["model"]
+    teacher = torch.load(workdir / "softmax/checkpoint_last.pt")["model"]
+    moved = {n for n in student if n not in teacher or not torch.equal(student[n], teacher[n])}
+    assert moved and all(".feature_map." in n for n in moved), sorted(moved)
