@@ -190,7 +190,7 @@ def main(argv=None):
         for subset in ("valid", "test"):
             row[f"{subset}_ppl"] = round(evaluate(bin_dir, checkpoint, tps, subset,
                                                   args.work / f"logs/{name}.eval_{subset}.log"), 2)
-        if name != "teacher":
+        if "t2r_language_modeling" in extra:
             row["feature_map"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-feature-map"), "t2r")
             row["feature_dim"] = args.feature_dim
             row["init"] = "teacher" if "--convert-from" in extra else "random"
