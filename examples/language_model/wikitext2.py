@@ -150,6 +150,8 @@ def main(argv=None):
         # on feature maps alone), a hybrid keeping the top layer softmax, newer feature maps.
         "t2r_transfer": (t2r + convert + ["--criterion", "t2r_attention_transfer", "--attention-transfer-only-updates",
                                           str(max(1, n_finetune // 3))], n_finetune, args.finetune_lr),
+        # The same term from the first update, no feature-map-only stage.
+        "t2r_transfer_joint": (t2r + convert + ["--criterion", "t2r_attention_transfer"], n_finetune, args.finetune_lr),
         "hybrid_50": (t2r + convert + ["--t2r-softmax-layers", "1"], n_finetune, args.finetune_lr),
         "hedgehog_pretrain": (t2r + convert + ["--t2r-feature-map", "hedgehog"], n_finetune, args.finetune_lr),
         "performer_pretrain": (t2r + convert + ["--t2r-feature-map", "performer"], n_finetune, args.finetune_lr),
