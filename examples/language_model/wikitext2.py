@@ -4,8 +4,9 @@
 
 Rows: a softmax teacher; T2R / ELU / RFA converted from it and finetuned for a quarter of the
 teacher's updates; T2R from random init for the same number of updates and for as many as the
-teacher. Each row's dev/test perplexity comes from fairseq-eval-lm. Results accumulate in
-results/wikitext2.json after every row, so an interrupted run continues where it stopped
+teacher; the teacher trained on for the finetuning budget (the fair baseline); and, beyond the
+paper, attention transfer, a hybrid, Hedgehog and Performer maps. Each row's dev/test perplexity
+comes from fairseq-eval-lm. Results accumulate in results/wikitext2.json after every row, so an interrupted run continues where it stopped
 (`--force ROW` reruns one).
 
 Why this teacher: `transformer_lm` on an 8k sentencepiece BPE vocabulary. The word vocabulary
@@ -82,18 +83,23 @@ def prepare(data, work, vocab):
     return bin_dir
 
 
+def last_perplexity(text):
+    """The "Perplexity: X" that fairseq-eval-lm and t2r-eval-stream both print."""
+    return float(re.findall(r"Perplexity: ([0-9.]+)", text)[-1])
+
+
 def evaluate(bin_dir, checkpoint, tokens_per_sample, subset, log_path):
     text = sh(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", subset,
                "--tokens-per-sample", str(tokens_per_sample), "--context-window", str(tokens_per_sample // 2),
                "--max-tokens", "8192", "--required-batch-size-multiple", "1", "--cpu"], log_path)
-    return float(re.findall(r"Perplexity: ([0-9.]+)", text)[-1])
+    return last_perplexity(text)
 
 
 def evaluate_stream(bin_dir, checkpoint, log_path):
     """Test perplexity with the recurrent state carried across blocks (t2r-eval-stream): every
     token sees its whole history, versus the 128-token window of `evaluate`."""
     text = sh(["t2r-eval-stream", bin_dir, "--path", checkpoint, "--gen-subset", "test", "--cpu"], log_path)
-    return float(re.findall(r"Perplexity: ([0-9.]+)", text)[-1])
+    return last_perplexity(text)
 
 
 def adopted_progress(checkpoint, train_log):
@@ -195,7 +201,8 @@ def main(argv=None):
         if "t2r_language_modeling" in extra:
             row["feature_map"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-feature-map"), "t2r")
             row["feature_dim"] = args.feature_dim
-            row["init"] = "teacher" if "--convert-from" in extra else "random"
+        if name != "teacher":
+            row["init"] = "teacher" if {"--convert-from", "--finetune-from-model"} & set(extra) else "random"
         log(f"{name}: {row}")
         # Re-read before writing: rows may run in parallel processes (one thread each).
         results = json.loads(args.results.read_text()) if args.results.exists() else {}
