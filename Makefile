@@ -15,7 +15,7 @@ install: $(INSTALLED)
 $(INSTALLED): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q torch==2.13.0 numpy cython
+	$(BIN)/pip install -q torch==2.13.0 'numpy<2' cython
 	$(BIN)/pip install --no-build-isolation -e '.[test,demo]'
 	touch $@
 

@@ -10,10 +10,11 @@ setup(
         # fairseq 0.12.2 (the last release) fails at import on Python 3.11+; fairseq-fixed is
         # fairseq's main branch repackaged for 3.11/3.12 and imports as `fairseq`.
         'fairseq==0.12.2; python_version < "3.11"',
-        'numpy<2; python_version < "3.11"',
         'fairseq-fixed==0.12.3.1; python_version >= "3.11"',
         "torch>=2.0",
-        "numpy",
+        # fairseq's data code was written for numpy 1 (np.compat, np.float...): under numpy 2 its
+        # inference paths (fairseq-interactive, hub sample/score, --sample-break-mode eos) crash.
+        "numpy<2",
         "sentencepiece",
         "sacrebleu",
     ],

@@ -23,9 +23,12 @@ def allow_fairseq_checkpoints():
     if add is None:  # torch < 2.4 loads everything anyway
         return
     safe = [argparse.Namespace, np.dtype, np.ndarray]
-    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
-    safe += [multiarray.scalar, multiarray._reconstruct]
     safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    # numpy 2 pickles these as numpy._core.multiarray.*, numpy 1 as numpy.core.multiarray.*: allow
+    # both spellings, so a checkpoint written under either numpy loads under the other.
+    from numpy._core import multiarray  # numpy 1.26 serves this name too (an alias of numpy.core)
+    for obj in (multiarray.scalar, multiarray._reconstruct):
+        safe += [(obj, f"{module}.multiarray.{obj.__name__}") for module in ("numpy.core", "numpy._core")]
     add(safe)
 
 
