@@ -6,8 +6,9 @@
 2. sentencepiece BPE, then `fairseq-preprocess --only-source`;
 3. `fairseq-train` a small softmax `transformer_lm` (the "pretrained transformer");
 4. `fairseq-train --task t2r_language_modeling --convert-from <softmax checkpoint> --arch t2r_lm`:
-   swap its attention for T2R and finetune; and, for contrast, the same T2R model from random init
-   for the same number of updates;
+   swap its attention for T2R and finetune; the fair baseline: the softmax model trained on for the
+   same number of updates (`--finetune-from-model`); and, for contrast, the same T2R model from
+   random init for those updates;
 5. score every model with `fairseq-eval-lm`, and the swapped model before any finetuning (what
    `t2r-convert` writes);
 6. generation cost as the prefix grows, through fairseq's incremental decoding (measured as
@@ -38,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "t2r_fairseq"
 BIN = pathlib.Path(sys.executable).parent
 # How many steps main() runs, for the "[k/N]" progress lines.
-STEPS = 9
+STEPS = 10
 NEVER = 10 ** 9  # an epoch interval that never comes: validate/save by update count only
 
 
@@ -62,7 +63,8 @@ def parse_args(argv=None):
     size.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch")
     size.add_argument("--pretrain-updates", type=int, default=500, help="softmax pretraining updates")
     size.add_argument("--finetune-updates", type=int, default=200,
-                      help="T2R updates, both swap-then-finetune and random init")
+                      help="updates after pretraining: swap-then-finetune, the softmax model trained on, "
+                           "and T2R from random init")
     size.add_argument("--validations", type=int, default=10, help="validations per finetuning run (the curve)")
     size.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every run")
     size.add_argument("--dropout", type=float, default=0.1)
@@ -351,6 +353,11 @@ def main(argv=None) -> int:
         data_bin = binarize_step(a, raw, out, progress)
         runs = {"softmax": train_step(a, "pretrain a softmax transformer_lm", "softmax", data_bin, out, progress,
                                       a.pretrain_updates, ["--task", "language_modeling", "--arch", "transformer_lm"])}
+        runs["softmax_continued"] = train_step(
+            a, "fair baseline: the softmax model trained on for the finetuning budget", "softmax_continued",
+            data_bin, out, progress, a.finetune_updates,
+            ["--task", "language_modeling", "--arch", "transformer_lm",
+             "--finetune-from-model", runs["softmax"]["checkpoint"]])
         runs["t2r_swapped"] = swap_step(a, runs["softmax"], out, progress)
         runs["t2r_converted"] = train_step(
             a, "swap attention for T2R (--convert-from) and finetune", "t2r_converted", data_bin, out, progress,
@@ -380,7 +387,7 @@ def main(argv=None) -> int:
     print(f"\nWhole demo: {minutes(machine['wall_seconds'])} wall, {minutes(machine['cpu_seconds'])} CPU time "
           f"on {machine['cpus']} CPUs (1-minute load average {machine['load_average_start']:.1f} at the start). "
           f"Report and plots: {out}/")
-    if not all(math.isfinite(runs[n]["test_ppl"]) for n in ("softmax", "t2r_converted", "t2r_random")):
+    if not all(math.isfinite(r["test_ppl"]) for r in runs.values()):
         print("demo: warning: a perplexity is not finite; see the logs in " + str(out / "logs"), file=sys.stderr)
     return 0
 

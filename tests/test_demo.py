@@ -53,17 +53,27 @@ def test_demo_writes_report_and_plots(tiny_demo):
 def test_report_has_finite_perplexities_for_every_model(tiny_demo):
     out, _ = tiny_demo
     report = (out / "report.md").read_text()
-    for model in ("softmax transformer_lm", "T2R, swapped, not finetuned", "T2R, swap-then-finetune",
-                  "T2R, trained from scratch"):
+    for model in ("softmax transformer_lm", "softmax, trained on for the same updates (fair baseline)",
+                  "T2R, swapped, not finetuned", "T2R, swap-then-finetune", "T2R, trained from scratch"):
         row = re.search(rf"^\| {re.escape(model)} \|.*$", report, re.M)
         assert row, model
         valid, test = (float(x) for x in row.group(0).strip("| ").split(" | ")[-2:])
         assert math.isfinite(valid) and math.isfinite(test) and valid > 1 and test > 1, row.group(0)
     results = json.loads((out / "results.json").read_text())
-    for name in ("softmax", "t2r_swapped", "t2r_converted", "t2r_random"):
+    for name in ("softmax", "softmax_continued", "t2r_swapped", "t2r_converted", "t2r_random"):
         assert math.isfinite(results["runs"][name]["test_ppl"])
-    # One validation point per --validations, at the update counts asked for.
-    assert [n for n, _ in results["runs"]["t2r_converted"]["curve"]] == [4, 8]
+    # One validation point per --validations, at the update counts asked for: the fair baseline too.
+    for name in ("t2r_converted", "softmax_continued"):
+        assert [n for n, _ in results["runs"][name]["curve"]] == [4, 8], name
+
+
+def test_report_states_the_swap_cost_against_the_fair_baseline(tiny_demo):
+    out, _ = tiny_demo
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    t2r, base = runs["t2r_converted"]["test_ppl"], runs["softmax_continued"]["test_ppl"]
+    change = 100 * (t2r / base - 1)
+    assert f"test perplexity {t2r:.2f} against {base:.2f}" in (out / "report.md").read_text()
+    assert f"({change:+.1f}%)" in (out / "report.md").read_text()
 
 
 def test_report_has_decode_rows_with_growing_cache_and_constant_state(tiny_demo):
