@@ -103,9 +103,10 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not transfer_only):
             nll = self._task_loss(model, sample, reduce)
         transfer = self._transfer_loss(model, sample) if model.training else nll.new_zeros(())
-        loss = transfer * self.weight if transfer_only else nll + self.weight * transfer
+        weighted_transfer = self.weight * transfer
+        loss = weighted_transfer if transfer_only else nll + weighted_transfer
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {"loss": loss.data, "nll_loss": nll.data, "transfer_loss": transfer.data,
+        logging_output = {"loss": loss.data, "nll_loss": nll.data, "transfer_loss": weighted_transfer.data,
                           "ntokens": sample["ntokens"], "nsentences": sample["target"].size(0),
                           "sample_size": sample_size}
         return loss, sample_size, logging_output
@@ -116,9 +117,12 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
             return sum(log.get(key, 0) for log in logging_outputs)
 
         sample_size, ntokens = total("sample_size"), total("ntokens")
+        # One unit for all three (base 2, per token unless --sentence-avg), so that the logged
+        # loss = nll_loss + transfer_loss (the weighted term), or transfer_loss alone in the
+        # transfer-only updates, where nll_loss is only watched.
         metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("nll_loss", total("nll_loss") / ntokens / math.log(2), ntokens, round=3)
-        metrics.log_scalar("transfer_loss", total("transfer_loss") / ntokens, ntokens, round=4)
+        metrics.log_scalar("transfer_loss", total("transfer_loss") / sample_size / math.log(2), sample_size, round=3)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))  # rounded, as fairseq logs it
 
     @staticmethod

@@ -100,6 +100,19 @@ def test_attention_transfer_trains_only_feature_maps_first(lm_workdir):
                                fresh["decoder.layers.0.self_attn.feature_map.weight"])
 
 
+def test_attention_transfer_logs_loss_as_the_sum_of_its_terms(lm_workdir):
+    out = run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
+               "--convert-from", lm_workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *MODEL,
+               *[a for a in TRAIN if a not in ("--criterion", "adaptive_loss")], "--criterion",
+               "t2r_attention_transfer", "--attention-transfer-weight", 3, "--max-update", 3,
+               "--no-save", "--disable-validation", "--log-interval", 1])
+    lines = re.findall(r"train_inner \|.*? loss=([0-9.]+), nll_loss=([0-9.]+), transfer_loss=([0-9.]+)",
+                       out.stdout + out.stderr)
+    assert len(lines) == 3, (out.stdout + out.stderr)[-3000:]
+    for loss, nll, transfer in ((float(x) for x in line) for line in lines):
+        assert transfer > 0.01 and abs(loss - (nll + transfer)) <= 0.0015, (loss, nll, transfer)
+
+
 def test_stream_scoring_cli_scores_every_token_and_refuses_softmax(lm_workdir):
     converted = lm_workdir / "stream/t2r.pt"
     run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", converted])
