@@ -1,4 +1,4 @@
-"""Timing and memory primitives shared by the benchmarks, and the machine description.
+"""Timing and memory primitives shared by the benchmarks.
 
 Memory on CPU: torch's allocator keeps no statistics there and RSS mixes in the Python heap and
 freed-but-cached pages, so peak memory is counted from torch.profiler's allocation events
@@ -6,12 +6,9 @@ freed-but-cached pages, so peak memory is counted from torch.profiler's allocati
 running sum's maximum is the peak of torch tensor bytes allocated *on top of* what was live when
 the call started. Callers add what was live and relevant (the decode state, the kv cache).
 """
-import os
-import platform
 import statistics
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -45,19 +42,6 @@ def median(xs):
 def medians(pairs):
     """Median wall and median CPU seconds of a list of timed() results."""
     return median([p[0] for p in pairs]), median([p[1] for p in pairs])
-
-
-def machine() -> str:
-    """CPU model, cores torch uses, load average: to print beside every table."""
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads, load average (1/5/15 min) at start: {load}")
 
 
 def human_bytes(n: float) -> str:

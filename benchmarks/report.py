@@ -1,7 +1,7 @@
-"""Markdown tables, the decode plot, the targets of issue 5 and a torch.profiler table of a step."""
-import os
-
+"""Markdown tables, the decode plot, the targets and a torch.profiler table of a step."""
 import torch
+
+from tools import kit
 
 from .measure import human_bytes
 from .models import prefill
@@ -17,17 +17,19 @@ MEMORY_NOTE = ("Memory is counted in torch tensor bytes. *held*: the bytes of ev
                "in the Python heap and pages the allocator keeps after a free.")
 
 
-TIME_NOTE = ("Times are process CPU time with one torch thread (median over interleaved rounds): on this "
-             "2-core machine shared with other engineers' training jobs, wall time mostly measures how long the "
-             "process waited for a core. CPU time still includes memory stalls, so contention for memory "
-             "bandwidth and caches remains in the numbers. Wall-clock medians are given beside them.")
+TIME_NOTE = ("Times are process CPU time with one torch thread (median over interleaved rounds): with one "
+             "thread, CPU time is the work itself, and wall time adds whatever the process waited for a core. "
+             "Both still include memory stalls. Wall-clock medians are given beside them; on an idle machine "
+             "the two agree.")
 
 
 def _header(title, header, note=TIME_NOTE):
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return [f"# {title}", "", f"Command: `{header['command']}` ({header['date']})", "",
-            f"Machine: {header['machine']}; load average when this file was written: {load}", "",
-            f"Models: {header['shape']}", "", note, ""]
+    lines = [f"# {title}", "", f"Command: `{header['command']}` ({header['date']})", "",
+             f"Machine: {header['machine']}; 1-minute load average at the start {header['load_start']:.2f}, "
+             f"at the end {kit.load_average():.2f}", ""]
+    if header.get("warning"):
+        lines += ["**Measured under load: " + header["warning"].splitlines()[1] + "**", ""]
+    return lines + [f"Models: {header['shape']}", "", note, ""]
 
 
 def _checks(checks):
@@ -118,7 +120,7 @@ def write_decode(out, header, checks, rows, constant, generate, profile):
 
 
 def _decode_targets(t, c, lengths, batches):
-    lines = ["## Targets (issue 5)", "", "| target | measured | |", "|---|---|---|"]
+    lines = ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     for b in batches:
         lo, hi = c.get((128, b)), c.get((8192, b))
         ratio = hi["step_s"] / lo["step_s"] if lo and hi else None
@@ -219,7 +221,7 @@ def write_train(out, header, checks, rows):
                          f"{s['token_bytes'] / 1024:.1f} | "
                          f"{r['token_bytes'] / 1024:.1f} | {naive_kib} |")
         lines.append("")
-    lines += ["## Targets (issue 5)", "", "| target | measured | |", "|---|---|---|"]
+    lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     for level in ("layer", "model"):
         for n, text, ok in ((4096, "chunked T2R >= 2x faster than softmax at 4096", lambda x: x >= 2),
                             (512, "chunked T2R <= 1.3x slower than softmax at 512", lambda x: x <= 1.3)):
@@ -257,7 +259,7 @@ def write_memory(out, header, rows):
         lines.append(f"| {model} | {n['peak_bytes'] / s['peak_bytes']:.3f} | {ratio} | "
                      f"{human_bytes(n['increment_bytes'] - s['increment_bytes'])} |")
     growth = t[("t2r", long)]["peak_bytes"] / t[("t2r", short)]["peak_bytes"]
-    lines += ["", "## Target (issue 8)", "", "| target | measured | |", "|---|---|---|"]
+    lines += ["", "## Target", "", "| target | measured | |", "|---|---|---|"]
     _target(lines, f"T2R peak RSS generating {long} tokens grows < 5% over generating {short}",
             growth, growth < 1.05, fmt="{:.3f}x")
     (out / "generation_memory.md").write_text("\n".join(lines + [""]))

@@ -1,15 +1,25 @@
 """Entry point: `python -m benchmarks.run [--quick] [--only decode,generate,train,memory] [sizes...]`.
 
 Checks numerically that the timed forms agree, then measures and writes markdown tables (and a
-plot) under --out: bench_decode.md, bench_decode.png, bench_train.md, generation_memory.md.
+plot) under --out: bench_decode.md, bench_decode.png, bench_train.md, generation_memory.md, and the
+rows behind each as .json (the README's tables are built from those by `python -m tools.readme`).
+Warns loudly when the machine is not idle (1-minute load average above 1).
 """
 import argparse
 import datetime
+import json
 import logging
 import pathlib
 import sys
 import time
 import warnings
+
+from tools import kit
+
+
+def save_json(path, header, **rows):
+    """The rows behind a markdown file, for tools.readme to build the README's tables from."""
+    path.write_text(json.dumps({"header": {**header, "load_end": kit.load_average()}, **rows}, indent=1) + "\n")
 
 
 def _ints(text):
@@ -69,7 +79,6 @@ def main(argv=None):
     from .checks import assert_checks, run_checks
     from .decode import constant_cost_rows, decode_rows, generation_rows
     from .generation_memory import memory_rows
-    from .measure import machine
     from .models import build_models
     from .train import train_rows
 
@@ -77,11 +86,17 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     started = time.time()
+    info = kit.machine()
     header = dict(command="python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
-                  machine=machine(), date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                  machine=f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} with {args.threads} "
+                          f"thread(s)",
+                  load_start=kit.load_average(), warning=kit.busy_warning("these timings"),
+                  date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                   shape=f"{args.layers} layers x {args.dim} (heads {args.heads}, FFN {4 * args.dim}), "
                         f"vocab {args.vocab}, T2R feature size {args.feature_dim}, float32")
-    log(f"{header['machine']}\nmodels: {header['shape']}")
+    if header["warning"]:
+        log(header["warning"])
+    log(f"{header['machine']}, 1-minute load average {header['load_start']:.2f}\nmodels: {header['shape']}")
     models = build_models(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab,
                           feature_dim=args.feature_dim,
                           max_positions=max(args.lengths + args.train_lengths + [args.gen_length]) + 64)
@@ -105,6 +120,7 @@ def main(argv=None):
                                        beams=args.beams, vocab=args.vocab, log=log)
         profile = report.step_profile(models, max(args.lengths), args.batches, vocab=args.vocab)
         report.write_decode(args.out, header, checks, decode, constant, generate, profile)
+        save_json(args.out / "bench_decode.json", header, decode=decode, constant=constant, generate=generate)
     if "train" in args.only:
         log("training")
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, levels=("layer",),
@@ -113,13 +129,17 @@ def main(argv=None):
         train += train_rows(models, args.train_model_lengths, tokens=args.train_model_tokens, levels=("model",),
                             naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
+        save_json(args.out / "bench_train.json", header, train=train)
     if "memory" in args.only:
         log("generation memory (a fresh process per model and length)")
         memory = memory_rows(args.memory_lengths, threads=args.threads, log=log,
                              shape=dict(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab,
                                         feature_dim=args.feature_dim))
         report.write_memory(args.out, header, memory)
+        save_json(args.out / "generation_memory.json", header, memory=memory)
     log(f"done in {time.time() - started:.0f} s; results in {args.out}/")
+    if header["warning"] or kit.busy_warning("these timings"):
+        log(header["warning"] or kit.busy_warning("these timings"))
     return time.time() - started
 
 

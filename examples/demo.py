@@ -25,19 +25,18 @@ import pathlib
 import platform
 import re
 import resource
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from tools import kit
 
 from . import demo_data
 from .demo_report import minutes, write_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "t2r_fairseq"
-BIN = pathlib.Path(sys.executable).parent
 # How many steps main() runs, for the "[k/N]" progress lines.
 STEPS = 10
 NEVER = 10 ** 9  # an epoch interval that never comes: validate/save by update count only
@@ -82,14 +81,19 @@ class Progress:
     def __init__(self):
         self.start = time.time()
         self.step = 0
+        self.lines = []  # the transcript, saved as console.txt
+
+    def print(self, line: str):
+        self.lines.append(line)
+        print(line, flush=True)
 
     def begin(self, text: str):
         self.step += 1
         self.step_start = time.time()
-        print(f"[{self.step}/{STEPS}] {text}", flush=True)
+        self.print(f"[{self.step}/{STEPS}] {text}")
 
     def note(self, text: str):
-        print(f"      {text}", flush=True)
+        self.print(f"      {text}")
 
     def end(self, text: str = "") -> float:
         seconds = time.time() - self.step_start
@@ -99,32 +103,14 @@ class Progress:
 
 
 def run(name: str, cmd: list, logs: pathlib.Path, progress: Progress, on_line=None) -> str:
-    """Run a console command (from this environment first), logging its output to logs/<name>.log
-    with the command line on top. Returns the output; on failure prints its last lines and raises."""
-    exe = BIN / cmd[0]
-    cmd = [str(exe) if exe.exists() else cmd[0]] + [str(c) for c in cmd[1:]]
-    log_path = logs / f"{name}.log"
-    lines = []
-    with open(log_path, "w") as log:
-        log.write(shlex.join(cmd) + "\n\n")  # copy-paste to rerun
-        log.flush()
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        except OSError as e:
-            raise DemoError(f"cannot run {cmd[0]}: {e.strerror} (is the environment installed? `make install`)")
-        for line in proc.stdout:  # streamed, so validations can be reported as they happen
-            log.write(line)
-            lines.append(line)
-            if on_line is not None:
-                on_line(line)
-        proc.wait()
-    if proc.returncode != 0:
-        for line in lines[-15:]:
-            progress.note("| " + line.rstrip())
-        raise DemoError(f"{pathlib.Path(cmd[0]).name} ({name}) failed with exit code {proc.returncode}; "
-                        f"full log: {log_path}")
-    return "".join(lines)
+    """Run a console command, logging its output to logs/<name>.log with the command line on top.
+    Returns the output; on failure prints its last lines and raises."""
+    try:
+        return kit.run_logged(cmd, logs / f"{name}.log", on_line=on_line)
+    except kit.CommandFailed as e:
+        for line in e.tail.splitlines():
+            progress.note("| " + line)
+        raise DemoError(f"{name}: {e}") from None
 
 
 # -- fairseq command lines --------------------------------------------------------------------
@@ -165,20 +151,13 @@ def valid_curve(log_text: str) -> list:
     return sorted(points.items())
 
 
-def eval_lm_perplexity(output: str, name: str) -> float:
-    found = re.findall(r"Perplexity: ([0-9.]+|inf|nan)", output)
-    if not found:
-        raise DemoError(f"fairseq-eval-lm ({name}) printed no perplexity")
-    return float(found[-1])
-
-
 # -- the pipeline ----------------------------------------------------------------------------
 def prepare_output(out: pathlib.Path):
     """Remove only what earlier demo runs wrote (fairseq-train would resume from a stale
     checkpoint_last.pt), never anything else a user keeps in --out."""
     for sub in ("data", "checkpoints", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    for name in ("report.md", "results.json", "decode_time.png", "ppl_vs_updates.png"):
+    for name in ("report.md", "results.json", "console.txt", "decode_time.png", "ppl_vs_updates.png"):
         (out / name).unlink(missing_ok=True)
     for sub in ("data", "checkpoints", "logs"):
         (out / sub).mkdir(parents=True)
@@ -203,10 +182,11 @@ def binarize_step(a, raw, out, progress):
     bpe = out / "data" / "bpe"
     bpe.mkdir()
     try:
-        spm_model = demo_data.learn_bpe(raw["train"], bpe / "spm", a.vocab_size)
+        # Large user corpora (WikiText-103) would take minutes to learn on: a sample is plenty.
+        spm_model = kit.learn_bpe(raw["train"], bpe / "spm", a.vocab_size, input_sentence_size=300_000)
     except RuntimeError as e:  # sentencepiece's own message, e.g. vocabulary too large for the text
         raise DemoError(f"sentencepiece: {str(e).strip().splitlines()[-1]}") from None
-    tokens = {s: demo_data.encode(spm_model, raw[s], bpe / f"{s}.bpe") for s in demo_data.SPLITS}
+    tokens = {s: kit.encode_bpe(spm_model, raw[s], bpe / f"{s}.bpe") for s in demo_data.SPLITS}
     data_bin = out / "data" / "bin"
     run("preprocess", ["fairseq-preprocess", "--only-source", "--trainpref", bpe / "train.bpe",
                        "--validpref", bpe / "valid.bpe", "--testpref", bpe / "test.bpe",
@@ -230,14 +210,6 @@ def train_step(a, title, name, data_bin, out, progress, updates, extra):
     seconds = progress.end()
     return {"checkpoint": save_dir / "checkpoint_best.pt", "updates": updates, "train_seconds": seconds,
             "train_cpu_seconds": children_cpu_seconds() - cpu_before, "curve": valid_curve(log)}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def children_cpu_seconds() -> float:
@@ -272,7 +244,10 @@ def score_step(a, runs, data_bin, out, progress):
             "fairseq-eval-lm", data_bin, "--path", runs[name]["checkpoint"], "--user-dir", USER_DIR,
             "--gen-subset", split, "--tokens-per-sample", a.tokens_per_sample, "--max-tokens", a.max_tokens,
             "--num-workers", 0], out / "logs", progress)
-        return eval_lm_perplexity(output, f"{name} {split}")
+        try:
+            return kit.perplexity(output)
+        except ValueError:
+            raise DemoError(f"fairseq-eval-lm ({name} {split}) printed no perplexity") from None
 
     # Each fairseq-eval-lm spends most of its time importing fairseq, on one core: run them side by side.
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -370,12 +345,13 @@ def main(argv=None) -> int:
         score_step(a, runs, data_bin, out, progress)
         decoding = decode_step(a, runs, progress)
         progress.begin(f"report: {out / 'report.md'}, {out / 'decode_time.png'}, {out / 'ppl_vs_updates.png'}")
-        machine = {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+        machine = {"cpu": kit.cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
                    "python": platform.python_version(), "wall_seconds": time.time() - progress.start,
                    "cpu_seconds": children_cpu_seconds() + sum(os.times()[:2]),
                    "load_average_start": load_start, "load_average_end": os.getloadavg()[0]}
         table = write_report(out, a, runs, decoding, machine)
         progress.end()
+        (out / "console.txt").write_text("\n".join(progress.lines) + "\n")
     except (DemoError, demo_data.DataError, OSError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, demo_data.DataError) else 1

@@ -1,5 +1,4 @@
-"""The demo's corpus: raw text splits, a sentencepiece BPE model, and the encoded splits that
-fairseq-preprocess binarizes.
+"""The demo's corpus: raw text splits (Python's reference documentation, or the user's --data).
 
 With no --data the corpus is Python's own reference documentation (`pydoc_data.topics`, shipped
 with every Python): real English prose, about 60k words, so the demo needs no download.
@@ -65,31 +64,3 @@ def write_pydoc_splits(directory, heldout_fraction=0.05, seed=0) -> dict:
         paths[split] = directory / f"{split}.txt"
         paths[split].write_text("\n".join(lines) + "\n")
     return paths
-
-
-def learn_bpe(train_path, model_prefix, vocab_size) -> pathlib.Path:
-    """A sentencepiece BPE model learned on the train split; returns the .model path."""
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.train(
-        input=str(train_path), model_prefix=str(model_prefix), vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0,
-        # Large user corpora (WikiText-103) would take minutes to learn on; a sample is plenty.
-        input_sentence_size=300_000, shuffle_input_sentence=True,
-        # fairseq-preprocess builds its own dictionary with its own <unk>, <s>, </s> and <pad>.
-        bos_id=-1, eos_id=-1, minloglevel=2)
-    return pathlib.Path(f"{model_prefix}.model")
-
-
-def encode(model_path, raw_path, out_path) -> int:
-    """Write raw_path as space-separated BPE pieces, a line per line; returns the number of pieces."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    count = 0
-    with open(raw_path, encoding="utf-8", errors="replace") as src, open(out_path, "w", encoding="utf-8") as out:
-        for line in src:
-            pieces = sp.encode(line.strip(), out_type=str)
-            count += len(pieces) + 1  # + the end-of-sentence token fairseq appends to every line
-            out.write(" ".join(pieces) + "\n")
-    return count

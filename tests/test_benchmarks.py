@@ -20,3 +20,15 @@ def test_quick_benchmark_writes_reports(tmp_path):
     assert rows[:4] == [["| softmax", "32"], ["| softmax", "128"], ["| t2r", "32"], ["| t2r", "128"]], memory
     assert [row[0] for row in rows[4:]] == ["| softmax", "| t2r"], memory
     assert "## Target" in memory and "T2R peak RSS generating 128 tokens" in memory
+    for report in (decode, train, memory):
+        assert "1-minute load average at the start" in report, report[:500]
+
+    # The README's tables are built from the .json beside each report.
+    sys.path.insert(0, str(ROOT))
+    from tools import readme
+
+    readme.use_results(tmp_path)
+    table = readme.bench_decode()
+    assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| 1 |") or
+            line.startswith("| 4 |")] == [["| 1", "64"], ["| 1", "512"], ["| 4", "64"], ["| 4", "512"]], table
+    assert "T2R " in readme.generation_memory() and "(1." in readme.generation_memory()

@@ -8,13 +8,13 @@ models taking turns, CPU time of one thread).
 Adds "decode_ms_per_token" {prefix length: ms} to each row of results/wikitext2.json.
 """
 import argparse
-import json
 import os
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script from the checkout: benchmarks/ and tools/ are beside examples/
+from tools import kit  # noqa: E402
 
 
 def main(argv=None):
@@ -44,14 +44,18 @@ def main(argv=None):
               for r in rows}
     lengths = [int(x) for x in args.lengths.split(",")]
     vocab = len(next(iter(models.values())).decoder.dictionary)
+    warning = kit.busy_warning("these timings")
+    if warning:
+        print(warning, file=sys.stderr)
+    load = kit.load_average()
     measured = decode_rows(models, lengths, [1], vocab=vocab, seconds=args.seconds)
-    results = json.loads(args.results.read_text())
+    store = kit.Results(args.results)
     for r in rows:
-        results[r]["decode_ms_per_token"] = {str(m["length"]): round(1000 * m["step_s"], 3)
-                                            for m in measured if m["model"] == r}
-    results["setup"]["decode"] = ("python examples/language_model/decode_speed.py: batch 1, CPU time per token "
-                                  "of one thread after a prefix of L tokens (fairseq incremental decoding)")
-    args.results.write_text(json.dumps(results, indent=2) + "\n")
+        store.update(r, decode_ms_per_token={str(m["length"]): round(1000 * m["step_s"], 3)
+                                             for m in measured if m["model"] == r})
+    store.update("setup", decode=("python examples/language_model/decode_speed.py: batch 1, CPU time per token of "
+                                  "one thread after a prefix of L tokens (fairseq incremental decoding); 1-minute "
+                                  f"load average {load:.2f} at the start"))
 
 
 if __name__ == "__main__":

@@ -15,17 +15,16 @@ every perplexity here per BPE token (comparable across rows, not with word-level
 """
 import argparse
 import datetime
-import json
 import pathlib
-import platform
 import re
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script from the checkout: tools/ is beside examples/
+from tools import kit  # noqa: E402
+
 USER_DIR = str(ROOT / "t2r_fairseq")
-BIN = pathlib.Path(sys.executable).parent
 
 # Sized for a shared 2-core CPU: about 1-2k tokens/s per training process.
 MODEL = ["--decoder-layers", "2", "--decoder-embed-dim", "128", "--decoder-ffn-embed-dim", "512",
@@ -44,62 +43,39 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sh(cmd, log_path):
-    """Run a command with its output in log_path; on failure show its tail and stop."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(c) for c in cmd]
-    if (BIN / cmd[0]).exists():
-        cmd[0] = str(BIN / cmd[0])
-    with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    text = log_path.read_text()
-    if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{text[-3000:]}\n(full log: {log_path})")
-    return text
-
-
 def prepare(data, work, vocab):
-    import sentencepiece as spm
-
     bin_dir = work / "bin"
     if (bin_dir / "dict.txt").exists():
         return bin_dir
     spm_dir = work / "spm"
     spm_dir.mkdir(parents=True, exist_ok=True)
     log(f"sentencepiece BPE ({vocab}) on {data / 'wiki.train.tokens'}")
-    spm.SentencePieceTrainer.train(input=str(data / "wiki.train.tokens"), model_prefix=str(spm_dir / "spm"),
-                                   vocab_size=vocab, model_type="bpe", character_coverage=1.0,
-                                   input_sentence_size=2_000_000, shuffle_input_sentence=True,
-                                   bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, num_threads=2)
-    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spm.model"))
+    model = kit.learn_bpe(data / "wiki.train.tokens", spm_dir / "spm", vocab)
     for split in ("train", "valid", "test"):
-        lines = (data / f"wiki.{split}.tokens").read_text(encoding="utf-8").splitlines()
-        pieces = [" ".join(sp.encode(line.strip(), out_type=str)) for line in lines if line.strip()]
-        (spm_dir / f"{split}.bpe").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+        # WikiText's blank lines carry no text: drop them, as fairseq-preprocess would keep them as lone </s>.
+        nonblank = spm_dir / f"{split}.raw"
+        nonblank.write_text("".join(line for line in (data / f"wiki.{split}.tokens").open(encoding="utf-8")
+                                    if line.strip()), encoding="utf-8")
+        kit.encode_bpe(model, nonblank, spm_dir / f"{split}.bpe")
     log("fairseq-preprocess")
-    sh(["fairseq-preprocess", "--only-source", "--trainpref", spm_dir / "train.bpe", "--validpref",
-        spm_dir / "valid.bpe", "--testpref", spm_dir / "test.bpe", "--destdir", bin_dir, "--workers", "2"],
-       work / "logs/preprocess.log")
+    kit.run_or_exit(["fairseq-preprocess", "--only-source", "--trainpref", spm_dir / "train.bpe", "--validpref",
+                     spm_dir / "valid.bpe", "--testpref", spm_dir / "test.bpe", "--destdir", bin_dir, "--workers", "2"],
+                    work / "logs/preprocess.log")
     return bin_dir
 
 
-def last_perplexity(text):
-    """The "Perplexity: X" that fairseq-eval-lm and t2r-eval-stream both print."""
-    return float(re.findall(r"Perplexity: ([0-9.]+)", text)[-1])
-
-
 def evaluate(bin_dir, checkpoint, tokens_per_sample, subset, log_path):
-    text = sh(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", subset,
+    text = kit.run_or_exit(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", subset,
                "--tokens-per-sample", str(tokens_per_sample), "--context-window", str(tokens_per_sample // 2),
                "--max-tokens", "8192", "--required-batch-size-multiple", "1", "--cpu"], log_path)
-    return last_perplexity(text)
+    return kit.perplexity(text)
 
 
 def evaluate_stream(bin_dir, checkpoint, log_path):
     """Test perplexity with the recurrent state carried across blocks (t2r-eval-stream): every
     token sees its whole history, versus the 128-token window of `evaluate`."""
-    text = sh(["t2r-eval-stream", bin_dir, "--path", checkpoint, "--gen-subset", "test", "--cpu"], log_path)
-    return last_perplexity(text)
+    text = kit.run_or_exit(["t2r-eval-stream", bin_dir, "--path", checkpoint, "--gen-subset", "test", "--cpu"], log_path)
+    return kit.perplexity(text)
 
 
 def adopted_progress(checkpoint, train_log):
@@ -137,7 +113,8 @@ def main(argv=None):
         if not (args.data / f"wiki.{split}.tokens").is_file():
             sys.exit(f"error: {args.data} has no wiki.{split}.tokens (pass --data DIR with WikiText-2)")
 
-    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    store = kit.Results(args.results)
+    results = store.load()
     bin_dir = prepare(args.data, args.work, args.vocab)
     n_teacher = args.teacher_updates
     n_finetune = max(1, int(n_teacher * args.finetune_fraction))
@@ -189,7 +166,7 @@ def main(argv=None):
             warmup = min(400, max(1, updates // 10))
             # Validation on a slice of valid only traces the curve; the reported numbers come from
             # fairseq-eval-lm on the full splits.
-            sh(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup), "--max-update",
+            kit.run_or_exit(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup), "--max-update",
                 str(updates), "--save-dir", save, "--validate-interval-updates", str(max(1, updates // 4)),
                 "--max-valid-steps", "25", "--save-interval-updates", str(max(1, updates // 6)),
                 "--keep-interval-updates", "1"], args.work / f"logs/{name}.train.log")
@@ -204,33 +181,26 @@ def main(argv=None):
         if name != "teacher":
             row["init"] = "teacher" if {"--convert-from", "--finetune-from-model"} & set(extra) else "random"
         log(f"{name}: {row}")
-        # Re-read before writing: rows may run in parallel processes (one thread each).
-        results = json.loads(args.results.read_text()) if args.results.exists() else {}
-        results[name] = row
-        results["setup"] = {
+        store.record(name, row)
+        store.record("setup", {
             "commands": f"python examples/language_model/wikitext2.py --data {args.data} "
                         + " ".join(a for a in (argv or sys.argv[1:]) if not a.startswith("--data")),
             "teacher": "transformer_lm " + " ".join(MODEL) + f", sentencepiece BPE {args.vocab}, "
                        f"tokens_per_sample {tps}, max_tokens {mt}",
             "eval": f"fairseq-eval-lm --tokens-per-sample {tps} --context-window {tps // 2} (per BPE token)",
-            "machine": f"{platform.processor() or platform.machine()}, 2 CPU cores, torch CPU",
+            "machine": kit.machine(),
             "date": datetime.date.today().isoformat(),
-        }
-        if args.note:
-            results["setup"]["notes"] = args.note
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(json.dumps(results, indent=2) + "\n")
+            **({"notes": args.note} if args.note else {}),
+        })
     # Unbounded-context scoring applies to rows whose every layer is recurrent.
     for name, (extra, _, _) in rows.items():
-        results = json.loads(args.results.read_text()) if args.results.exists() else {}
+        results = store.load()
         recurrent = "t2r_language_modeling" in extra and "--t2r-softmax-layers" not in extra
         if name in wanted and recurrent and name in results and "test_ppl_stream" not in results[name]:
             checkpoint = pathlib.Path(adopted.get(name, args.work / name / "checkpoint_last.pt"))
             ppl = round(evaluate_stream(bin_dir, checkpoint, args.work / f"logs/{name}.eval_stream.log"), 2)
             log(f"{name}: test perplexity {ppl} with the state carried across the whole split")
-            results = json.loads(args.results.read_text())
-            results[name]["test_ppl_stream"] = ppl
-            args.results.write_text(json.dumps(results, indent=2) + "\n")
+            store.update(name, test_ppl_stream=ppl)
     log(f"results in {args.results}")
 
 

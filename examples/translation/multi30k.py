@@ -16,19 +16,18 @@ references. Every size is a flag; a test runs this script with a few hundred sen
 """
 import argparse
 import datetime
-import json
 import os
 import pathlib
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run as a script from the checkout: tools/ is beside examples/
+from tools import kit  # noqa: E402
+
 USER_DIR = str(ROOT / "t2r_fairseq")
-BIN = pathlib.Path(sys.executable).parent
 SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 
 
@@ -36,20 +35,10 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sh(cmd, log_path, commands=None):
-    """Run a command with its output in log_path; on failure show its tail and stop."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(c) for c in cmd]
-    if commands is not None:
-        commands.append(shlex.join(cmd))
-    if (BIN / cmd[0]).exists():
-        cmd[0] = str(BIN / cmd[0])
-    with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    text = log_path.read_text()
-    if proc.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{text[-3000:]}\n(full log: {log_path})")
-    return text
+def sh(cmd, log_path, commands):
+    """kit.run_or_exit, the command line also listed in the results' set-up."""
+    commands.append(shlex.join(str(c) for c in cmd))
+    return kit.run_or_exit(cmd, log_path)
 
 
 def read_lines(path, limit=None):
@@ -59,8 +48,6 @@ def read_lines(path, limit=None):
 
 def prepare(args, commands):
     """Joint sentencepiece BPE on both sides of train, encode, fairseq-preprocess --joined-dictionary."""
-    import sentencepiece as spm
-
     work, bin_dir = args.work, args.work / "bin"
     if (bin_dir / f"dict.{args.src}.txt").exists():
         return bin_dir
@@ -73,18 +60,12 @@ def prepare(args, commands):
                      encoding="utf-8")
     log(f"sentencepiece BPE, joint vocabulary {args.vocab}")
     # A tiny corpus cannot fill a large vocabulary; hard_vocab_limit=False takes what there is.
-    spm.SentencePieceTrainer.train(input=str(joint), model_prefix=str(spm_dir / "spm"), vocab_size=args.vocab,
-                                   model_type="bpe", character_coverage=1.0, hard_vocab_limit=False,
-                                   bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, num_threads=2, minloglevel=1)
+    model = kit.learn_bpe(joint, spm_dir / "spm", args.vocab, hard_vocab_limit=False)
     commands.append(f"sentencepiece: spm_train --model_type bpe --vocab_size {args.vocab} "
                     f"--character_coverage 1.0 on train.{args.src} + train.{args.tgt}")
-    sp = spm.SentencePieceProcessor(model_file=str(spm_dir / "spm.model"))
     for split, name in SPLITS.items():
         for lang in (args.src, args.tgt):
-            lines = read_lines(args.data / f"{name}.{lang}", limits[split])
-            (spm_dir / f"{split}.{lang}").write_text(
-                "\n".join(" ".join(sp.encode(line.strip(), out_type=str)) for line in lines) + "\n",
-                encoding="utf-8")
+            kit.encode_bpe(model, args.data / f"{name}.{lang}", spm_dir / f"{split}.{lang}", limit=limits[split])
     log("fairseq-preprocess --joined-dictionary")
     sh(["fairseq-preprocess", "--source-lang", args.src, "--target-lang", args.tgt, "--trainpref",
         spm_dir / "train", "--validpref", spm_dir / "valid", "--testpref", spm_dir / "test", "--destdir", bin_dir,
@@ -172,7 +153,8 @@ def main(argv=None):
 
     import sacrebleu
 
-    results = json.loads(args.results.read_text()) if args.results.exists() else {}
+    store = kit.Results(args.results)
+    results = store.load()
     # Commands of rows recorded by an earlier invocation stay listed.
     commands = list(results.get("setup", {}).get("commands", []))
     commands.append(f"python examples/translation/multi30k.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
@@ -204,8 +186,7 @@ def main(argv=None):
             continue
         extra, updates, minutes, lr = rows[name]
         if name == "teacher_continued":  # re-read: t2r_pretrain may have been recorded by this very run
-            recorded = json.loads(args.results.read_text()) if args.results.exists() else {}
-            updates = recorded.get("t2r_pretrain", {}).get("updates") or args.finetune_updates
+            updates = store.load().get("t2r_pretrain", {}).get("updates") or args.finetune_updates
         if name != "teacher" and not teacher_ckpt.exists():
             sys.exit(f"error: {name} starts from the teacher; run the teacher row first ({teacher_ckpt} is missing)")
         save = args.work / name
@@ -231,33 +212,32 @@ def main(argv=None):
         if name != "teacher":
             row["init"] = "teacher (update 0: the teacher's weights)"
         log(f"{name}: {row}")
-        record(args, name, row, commands)
+        record(args, store, name, row, commands)
         trained.append(name)
 
     if trained and args.speed_repeats:
         # Other jobs share the CPU, so one timing can be slowed by whatever ran beside it. Time every
         # model again, interleaved, and report the best run of each: the least disturbed one.
-        results = json.loads(args.results.read_text())
+        results = store.load()
         names = [n for n in rows if n in results and (args.work / n / "checkpoint_last.pt").exists()]
         for repeat in range(args.speed_repeats):
             for name in names:
                 log(f"{name}: timing generation ({repeat + 1}/{args.speed_repeats})")
                 _, speed = generate(args, bin_dir, args.work / name / "checkpoint_last.pt", f"{name}.speed{repeat}",
                                     commands)
-                row = json.loads(args.results.read_text())[name]
+                row = store.load()[name]
                 row["sentences_per_s_runs"] = row.get("sentences_per_s_runs", [row["sentences_per_s"]]) + [speed]
                 row["sentences_per_s"] = max(row["sentences_per_s_runs"])
-                record(args, name, row, commands)
+                record(args, store, name, row, commands)
     log(f"results in {args.results}")
 
 
-def record(args, name, row, commands):
-    """Write one row (and the set-up) into the results file, re-read first so rows from other runs stay."""
+def record(args, store, name, row, commands):
+    """Write one row and the set-up into the results file."""
     import sacrebleu
 
-    results = json.loads(args.results.read_text()) if args.results.exists() else {}
-    results[name] = row
-    results["setup"] = {
+    store.record(name, row)
+    store.record("setup", {
         "commands": list(dict.fromkeys(commands)),
         "model": f"transformer {args.layers} layers x {args.embed_dim} (ffn {args.ffn_dim}, {args.heads} heads), "
                  f"shared embeddings, joint sentencepiece BPE {args.vocab}, {args.src}->{args.tgt}; "
@@ -265,12 +245,9 @@ def record(args, name, row, commands):
         "eval": "fairseq-generate --beam 5 --remove-bpe sentencepiece on test_2016_flickr, sacreBLEU "
                 f"{sacrebleu.__version__} (13a, detokenized); sentences/s as fairseq-generate reports it (batch "
                 f"size {args.gen_batch_size}, CPU, {args.threads} torch thread(s)), best of the runs listed",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with "
-                   f"other jobs), torch CPU",
+        "machine": kit.machine(),
         "date": datetime.date.today().isoformat(),
-    }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    })
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""tools/: the kit examples and benchmarks share, and the README tables built from results/."""
+import json
+import os
+import sys
+
+import pytest
+
+from helpers import ROOT, run
+
+sys.path.insert(0, str(ROOT))  # tools/ is run from the checkout, not installed
+
+from tools import kit, readme  # noqa: E402
+
+
+@pytest.mark.parametrize("text,expected", [("Loss (base 2): 6.6, Perplexity: 97.41\n", 97.41),
+                                           ("Perplexity: 12.5\nPerplexity: inf", float("inf"))])
+def test_perplexity_reads_the_last_value_inf_included(text, expected):
+    assert kit.perplexity(text) == expected
+
+
+def test_perplexity_nan_and_missing():
+    assert kit.perplexity("Perplexity: nan") != kit.perplexity("Perplexity: nan")  # nan
+    with pytest.raises(ValueError):
+        kit.perplexity("no score here")
+
+
+def test_busy_warning_only_above_the_threshold(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.5, 0.5))
+    assert kit.busy_warning("timings") is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 1.0, 0.5))
+    warning = kit.busy_warning("timings")
+    assert "WARNING: 1-minute load average 2.50 > 1.0" in warning and "timings will be off" in warning
+
+
+def test_results_rows_survive_other_writers_and_writes_are_atomic(tmp_path):
+    path = tmp_path / "r.json"
+    first, second = kit.Results(path), kit.Results(path)
+    first.record("a", {"ppl": 1.5})
+    second.record("b", {"ppl": float("inf")})  # another process's row, recorded in between
+    first.update("a", stream=2.0)
+    assert json.loads(path.read_text(), parse_constant=float) == {"a": {"ppl": 1.5, "stream": 2.0},
+                                                                   "b": {"ppl": float("inf")}}
+    assert "b" in first and [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary left
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_run_logged_writes_command_and_output_and_fails_in_one_line(tmp_path):
+    out = kit.run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log")
+    assert out == "hello\n" and (tmp_path / "ok.log").read_text().endswith("\n\nhello\n")
+    with pytest.raises(kit.CommandFailed) as e:
+        kit.run_logged([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad.log")
+    assert "\n" not in str(e.value) and "exit code 3" in str(e.value) and "bad.log" in str(e.value)
+    assert e.value.tail == "boom\n"
+
+
+def test_committed_readme_matches_the_results_files():
+    proc = run([sys.executable, "-m", "tools.readme", "--check"], cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_hand_edited_number_makes_the_check_fail(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- generated: multi30k -->")
+    stale = text[:start] + text[start:].replace("|", "| 99.99 |", 3)
+    (tmp_path / "README.md").write_text(stale)
+    proc = run([sys.executable, "-m", "tools.readme", "--check", "--readme", tmp_path / "README.md"], cwd=ROOT,
+               check=False)
+    assert proc.returncode == 1 and "stale" in proc.stderr
+    run([sys.executable, "-m", "tools.readme", "--readme", tmp_path / "README.md"], cwd=ROOT)
+    assert (tmp_path / "README.md").read_text() == text

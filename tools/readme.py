@@ -1,0 +1,185 @@
+"""The README's result tables, built from the files in results/ so that the two cannot disagree.
+
+    python -m tools.readme            # rewrite every generated block of README.md
+    python -m tools.readme --check    # exit 1 if README.md is not what the results files give
+
+A generated block sits between `<!-- generated: NAME -->` and `<!-- end: NAME -->`; everything
+outside the markers is left as written.
+"""
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
+
+
+def _load(name):
+    return json.loads((RESULTS / name).read_text())
+
+
+def use_results(directory):
+    """Build from another results directory (tests: a quick benchmark's output)."""
+    global RESULTS
+    RESULTS = pathlib.Path(directory)
+
+
+def _minutes(seconds):
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def _pct(x, base):
+    return f"{100 * (x / base - 1):+.1f}%"
+
+
+def demo_console():
+    """The demo's transcript, validation lines in the middle of each training step elided."""
+    lines = (RESULTS / "demo/console.txt").read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        is_update = "update " in line and "valid ppl" in line
+        if is_update and "update " in lines[i - 1] and i + 1 < len(lines) and "update " in lines[i + 1]:
+            if kept[-1] != "      ...":
+                kept.append("      ...")
+            continue
+        kept.append(line)
+    return "```\n" + "\n".join(kept) + "\n```\n"
+
+
+def demo_tables():
+    sys.path.insert(0, str(ROOT))
+    from examples.demo_report import tables
+
+    demo = _load("demo/results.json")
+    m = demo["machine"]
+    return (f"Measured by `make demo` (defaults) on {m['cpu']}, {m['cpus']} cores; 1-minute load average "
+            f"{m['load_average_start']:.2f} at the start, {m['load_average_end']:.2f} at the end; whole demo "
+            f"{_minutes(m['wall_seconds'])} wall, {_minutes(m['cpu_seconds'])} CPU time "
+            f"([results/demo/report.md](results/demo/report.md)):\n\n" + tables(demo["runs"], demo["decoding"]) + "\n")
+
+
+def _load_note(header):
+    note = f"1-minute load average {header['load_start']:.2f} at the start, {header['load_end']:.2f} at the end"
+    return note + (" (**not idle: read with care**)" if header.get("warning") else "")
+
+
+def bench_decode():
+    from benchmarks.measure import human_bytes
+
+    data = _load("bench_decode.json")
+    t = {(r["length"], r["batch"], r["model"]): r for r in data["decode"]}
+    lines = [f"Measured by `make bench` ({data['header']['date']}; {data['header']['machine']}; "
+             f"{_load_note(data['header'])}): {data['header']['shape']}, per decode step through fairseq's "
+             f"incremental decoding, CPU time of one thread.", "",
+             "| batch | prefix | softmax (kv cache) | T2R | floor (no attention) | softmax / T2R | T2R / floor | "
+             "kv cache vs T2R state |", "|---|---|---|---|---|---|---|---|"]
+    for batch, length, _ in sorted({k for k in t if k[2] == "t2r"}):
+        s, r, f = (t[(length, batch, m)] for m in ("softmax", "t2r", "floor"))
+        lines.append(f"| {batch} | {length} | {s['step_s'] * 1e3:.1f} ms | {r['step_s'] * 1e3:.1f} ms | "
+                     f"{f['step_s'] * 1e3:.1f} ms | {s['step_s'] / r['step_s']:.1f}x | {r['step_s'] / f['step_s']:.2f} | "
+                     f"{human_bytes(s['state_bytes'])} vs {human_bytes(r['state_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def generation_memory():
+    from benchmarks.measure import human_bytes
+
+    data = _load("generation_memory.json")
+    t = {(r["model"], r["length"]): r for r in data["memory"]}
+    short, long = min(r["length"] for r in data["memory"]), max(r["length"] for r in data["memory"])
+
+    def peaks(model):
+        a, b = t[(model, short)], t[(model, long)]
+        return (f"{human_bytes(a['peak_bytes'])} vs {human_bytes(b['peak_bytes'])} "
+                f"({b['peak_bytes'] / a['peak_bytes']:.3f}x)")
+
+    return (f"Peak RSS of a fresh process running SequenceGenerator (beam 1) for {short} vs {long} tokens, same "
+            f"shape ({_load_note(data['header'])}): T2R {peaks('t2r')}, softmax {peaks('softmax')}.\n")
+
+
+def multi30k():
+    data = _load("multi30k.json")
+    names = (("teacher", "teacher (softmax)"), ("teacher_continued", "teacher trained on for the finetuning budget"),
+             ("t2r_pretrain", "T2R + pretrain"), ("elu_pretrain", "ELU + pretrain"))
+    lines = ["| model | updates | test BLEU | generate sent/s (beam 5) |", "|---|---|---|---|"]
+    lines += [f"| {label} | {data[n]['updates']} | {data[n]['bleu']:.2f} | {data[n]['sentences_per_s']:.2f} |"
+              for n, label in names if n in data]
+    return "\n".join(lines) + "\n"
+
+
+WIKITEXT2_ROWS = (
+    ("teacher", "teacher (softmax)", "-"),
+    ("teacher_continued", "teacher trained on for the finetuning budget", "-"),
+    ("t2r_pretrain", "T2R + pretrain", "32"),
+    ("elu_pretrain", "ELU + pretrain", "64 (head dim)"),
+    ("rfa_pretrain", "RFA + pretrain", "2 x 32"),
+    ("t2r_random", "T2R from random init", "32"),
+    ("t2r_random_full", "T2R from random init, teacher's budget", "32"),
+    ("t2r_transfer", "T2R + pretrain, attention transfer (first third feature maps only)", "32"),
+    ("t2r_transfer_joint", "T2R + pretrain, attention transfer (joint from the start)", "32"),
+    ("hybrid_50", "hybrid: layer 1 softmax, layer 0 T2R", "32"),
+    ("hedgehog_pretrain", "Hedgehog + pretrain", "2 x 32"),
+    ("performer_pretrain", "Performer + pretrain", "32"),
+)
+
+
+def wikitext2():
+    data = _load("wikitext2.json")
+    teacher, continued = data["teacher"]["test_ppl"], data["teacher_continued"]["test_ppl"]
+    lines = ["| row | init | updates | minutes | feature size | valid ppl | test ppl | vs teacher | "
+             "vs teacher trained on | test ppl, state carried (t2r-eval-stream) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, label, features in WIKITEXT2_ROWS:
+        if name not in data:
+            continue
+        r = data[name]
+        lines.append(f"| {label} | {r.get('init', 'random')} | {r['updates']} | {r['minutes']} | {features} | "
+                     f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {_pct(r['test_ppl'], teacher)} | "
+                     f"{_pct(r['test_ppl'], continued)} | {r.get('test_ppl_stream', '-')} |")
+    decode = [(label, data[n]["decode_ms_per_token"]) for n, label, _ in WIKITEXT2_ROWS
+              if "decode_ms_per_token" in data.get(n, {})]
+    if decode:
+        lengths = list(decode[0][1])
+        lines += ["", "Decode cost per token (ms, batch 1, one thread; `decode_speed.py`):", "",
+                  "| row | " + " | ".join(f"prefix {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        lines += [f"| {label} | " + " | ".join(f"{ms[n]:.2f}" for n in lengths) + " |" for label, ms in decode]
+    return "\n".join(lines) + "\n"
+
+
+GENERATORS = {"demo-console": demo_console, "demo-tables": demo_tables, "bench-decode": bench_decode,
+              "generation-memory": generation_memory, "multi30k": multi30k, "wikitext2": wikitext2}
+
+
+def render(text: str) -> str:
+    def block(match):
+        name = match.group("name")
+        if name not in GENERATORS:
+            raise SystemExit(f"error: README block {name!r} has no generator; known: {', '.join(GENERATORS)}")
+        return match.group(1) + GENERATORS[name]() + match.group(4)
+
+    return BLOCK.sub(block, text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tools.readme", description=__doc__.split("\n\n")[0])
+    p.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
+    p.add_argument("--results", type=pathlib.Path, default=RESULTS, help="results directory")
+    p.add_argument("--check", action="store_true", help="only check; exit 1 when the README is stale")
+    args = p.parse_args(argv)
+    use_results(args.results)
+    old = args.readme.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print(f"{args.readme} is stale: run `python -m tools.readme`", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
