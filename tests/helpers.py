@@ -79,13 +79,33 @@ def write_corpus(directory, n_train=1500, n_valid=150, n_test=150, seed=0):
     return directory
 
 
-def run(cmd, cwd=None, check=True, env=None):
-    """Run a console command from this environment's bin/; return the completed process."""
+def write_parallel_corpus(directory, splits, src="src", tgt="tgt", seed=0):
+    """A parallel corpus, {split name: number of pairs} -> <name>.<src>/<name>.<tgt>: source, a short
+    line of Python's reference documentation; target, its words reversed. Reversal is deterministic
+    and needs cross-attention over the whole source."""
+    import pydoc_data.topics
+
+    lines = sorted({" ".join(line.split()).lower() for text in pydoc_data.topics.topics.values()
+                    for line in text.splitlines() if 3 < len(line.split()) <= 10})
+    random.Random(seed).shuffle(lines)
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for split, n in splits.items():
+        chunk = lines[start:start + n]
+        start += n
+        (directory / f"{split}.{src}").write_text("\n".join(chunk) + "\n")
+        (directory / f"{split}.{tgt}").write_text("\n".join(" ".join(reversed(s.split())) for s in chunk) + "\n")
+    return directory
+
+
+def run(cmd, cwd=None, check=True, env=None, input=None):
+    """Run a console command from this environment's bin/ (`input`: its stdin); return the completed process."""
     cmd = [str(c) for c in cmd]
     if not os.path.isabs(cmd[0]) and (BIN / cmd[0]).exists():
         cmd[0] = str(BIN / cmd[0])
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -12,14 +12,13 @@ conversion by `--task t2r_translation --convert-from` and by `t2r-convert`, then
 
 Recipe level: examples/translation/multi30k.py end to end at a tiny size (needs ../shared/data).
 """
-import random
 import re
 
 import pytest
 import torch
 
 import t2r_fairseq  # noqa: F401  (lets torch's safe loading read fairseq checkpoints, as the CLIs do)
-from helpers import ROOT, USER_DIR, build_model, run
+from helpers import ROOT, USER_DIR, build_model, run, write_parallel_corpus
 
 TINY_MT_SOFTMAX = ["--encoder-layers", 2, "--decoder-layers", 2, "--encoder-embed-dim", 32,
                    "--decoder-embed-dim", 32, "--encoder-ffn-embed-dim", 64, "--decoder-ffn-embed-dim", 64,
@@ -154,24 +153,6 @@ GENERATE = ["--user-dir", USER_DIR, "--beam", 5, "--required-batch-size-multiple
 N_TEST = 21  # not a multiple of 8, so the flag above matters
 
 
-def _write_parallel_corpus(directory, n_train=400, n_valid=40, n_test=N_TEST, seed=0):
-    """Source: a short line of Python's reference documentation; target: its words reversed.
-    Reversal is deterministic and needs cross-attention over the whole source."""
-    import pydoc_data.topics
-
-    lines = sorted({" ".join(line.split()).lower() for text in pydoc_data.topics.topics.values()
-                    for line in text.splitlines() if 3 < len(line.split()) <= 10})
-    random.Random(seed).shuffle(lines)
-    directory.mkdir(parents=True, exist_ok=True)
-    start = 0
-    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        chunk = lines[start:start + n]
-        start += n
-        (directory / f"{split}.src").write_text("\n".join(chunk) + "\n")
-        (directory / f"{split}.tgt").write_text("\n".join(" ".join(reversed(s.split())) for s in chunk) + "\n")
-    return directory
-
-
 def _hypotheses(output: str) -> dict:
     """{sentence id: (score, hypothesis)} from fairseq-generate/-interactive's H- lines."""
     found = re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", output, flags=re.M)
@@ -181,7 +162,7 @@ def _hypotheses(output: str) -> dict:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("mt")
-    raw = _write_parallel_corpus(root / "raw")
+    raw = write_parallel_corpus(root / "raw", {"train": 400, "valid": 40, "test": N_TEST})
     # Rare words become <unk>: a small joined vocabulary keeps the tiny run fast.
     run(["fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", raw / "train",
          "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", root / "bin",
@@ -270,7 +251,7 @@ def test_offline_converter_softmax_cross_attention_loads_and_beam_searches(workd
     from fairseq.modules import MultiheadAttention
     from fairseq.sequence_generator import SequenceGenerator
 
-    from t2r_fairseq.attention import T2RAttention
+    from t2r_fairseq.attention import T2RSelfAttention
     from t2r_fairseq.convert import main as convert_main
 
     out_path = workdir / "offline/softmax_cross.pt"
@@ -281,7 +262,7 @@ def test_offline_converter_softmax_cross_attention_loads_and_beam_searches(workd
                                                                     arg_overrides={"data": str(workdir / "bin")})
     model = models[0].eval()
     layer = model.decoder.layers[0]
-    assert isinstance(layer.encoder_attn, MultiheadAttention) and isinstance(layer.self_attn, T2RAttention)
+    assert isinstance(layer.encoder_attn, MultiheadAttention) and isinstance(layer.self_attn, T2RSelfAttention)
     task.load_dataset("test")
     data = task.dataset("test")
     generator = SequenceGenerator([model], task.target_dictionary, beam_size=5)
