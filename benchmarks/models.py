@@ -65,13 +65,28 @@ def build_models(layers=6, dim=512, heads=8, ffn=None, vocab=8000, feature_dim=3
         transfer_softmax_weights(t2r, softmax.state_dict())
         models["t2r"] = t2r
     if "floor" in names:
-        floor = copy.deepcopy(softmax)
-        for layer in floor.decoder.layers:
-            old = layer.self_attn
-            layer.self_attn = FloorAttention(old.embed_dim, old.num_heads, self_attention=True)
-            layer.self_attn.load_state_dict(old.state_dict())
-        models["floor"] = floor.eval()
+        models["floor"] = with_self_attention(
+            softmax, lambda old: FloorAttention(old.embed_dim, old.num_heads, self_attention=True))
     return {name: models[name] for name in names}
+
+
+def with_self_attention(model, build):
+    """A copy of `model` whose self-attention modules are build(old module), with the old weights."""
+    copied = copy.deepcopy(model)
+    for layer in copied.decoder.layers:
+        old = layer.self_attn
+        layer.self_attn = build(old)
+        layer.self_attn.load_state_dict(old.state_dict())
+    return copied.eval()
+
+
+def t2r_twin(model, **options):
+    """A copy of the T2R `model` whose T2R self-attention modules are built with other constructor
+    options (chunk_size, fold_feature_map), the same weights and T2R's feature map."""
+    from t2r_fairseq.attention import T2RSelfAttention
+
+    return with_self_attention(model, lambda old: T2RSelfAttention(
+        old.embed_dim, old.num_heads, feature_dim=old.feature_map.feature_dim, **options))
 
 
 def self_attention_modules(model):
@@ -79,28 +94,28 @@ def self_attention_modules(model):
 
 
 def prefill(model, tokens, chunk=256):
-    """Incremental state after reading `tokens` (batch, time): one parallel forward pass of the
-    decoder, during which every self-attention module also feeds its own input through its own
-    incremental path (fairseq's decoder reads only the last token when given an incremental state,
-    so it cannot prefill a prompt in one call). Softmax modules get the key/value cache fairseq
-    builds step by step (fed in chunks: only the cache is kept, the outputs are dropped); T2R
-    modules get their (S, z) state from the chunked parallel form. Returns the state dict."""
+    """Incremental state after reading `tokens` (batch, time), by one parallel forward pass of the
+    decoder. T2R modules read the prefix through their multi-token incremental path
+    (t2r_fairseq.attention.prefill), the one stream scoring uses. Softmax modules (fairseq's
+    decoder reads only the last token when given an incremental state) are fed their own input
+    again, in chunks, to build the key/value cache fairseq builds step by step (only the cache is
+    kept). Returns the state dict."""
+    from t2r_fairseq.attention import prefill as t2r_prefill
+
     state = {}
 
-    def fill(module, args, kwargs, _output):
+    def fill_cache(module, args, kwargs, _output):
         x = kwargs.get("query", args[0] if args else None)
-        if isinstance(module, FloorAttention):
-            return
-        step = x.size(0) if not isinstance(module, MultiheadAttention) else chunk
-        for start in range(0, x.size(0), step):
-            part = x[start:start + step]
+        for start in range(0, x.size(0), chunk):
+            part = x[start:start + chunk]
             # .forward, not __call__: calling the module would re-enter this hook.
             module.forward(part, part, part, incremental_state=state, need_weights=False)
 
-    hooks = [m.register_forward_hook(fill, with_kwargs=True) for m in self_attention_modules(model)]
+    hooks = [m.register_forward_hook(fill_cache, with_kwargs=True) for m in self_attention_modules(model)
+             if isinstance(m, MultiheadAttention) and not isinstance(m, FloorAttention)]
     try:
         with torch.no_grad():
-            model.decoder(tokens)
+            t2r_prefill(model.decoder, tokens, state)
     finally:
         for hook in hooks:
             hook.remove()
@@ -109,8 +124,8 @@ def prefill(model, tokens, chunk=256):
 
 def state_bytes(state):
     """Bytes of the per-sequence tensors in a fairseq incremental state dict: the kv cache or the
-    T2R state. T2R's folded projection weights, kept there once per run, are per model, not per
+    T2R state. T2R's projection weights, kept there once per run, are per model, not per
     sequence, and not counted."""
     return sum(t.numel() * t.element_size() for key, buf in state.items()
-               if isinstance(buf, dict) and not key.endswith(".t2r_fused")
+               if isinstance(buf, dict) and not key.endswith(".t2r_projection")
                for t in buf.values() if torch.is_tensor(t))

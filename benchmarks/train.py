@@ -3,31 +3,15 @@ step (batch = tokens // length), for one decoder layer and for the whole model (
 layer and cross-entropy loss).
 
 Forms: `softmax` (fairseq's MultiheadAttention as the decoder layer uses it, causal mask and all),
-`t2r` (the chunked parallel form) and `t2r-naive` (the same module with a single chunk as long as
-the sequence, i.e. the quadratic form that materializes the T x T kernel matrix).
+`t2r` (the chunked parallel form) and `t2r-naive` (the same weights, built with one chunk as long as the
+sequence, i.e. the quadratic form that materializes the T x T kernel matrix).
 """
-import contextlib
-
 import torch
 
 from .measure import medians, peak_bytes, timed
-from .models import self_attention_modules
+from .models import t2r_twin
 
 FORMS = ("softmax", "t2r", "t2r-naive")
-
-
-@contextlib.contextmanager
-def single_chunk(model, length):
-    """T2R modules of `model` run the quadratic form: one chunk covering the whole sequence."""
-    modules = self_attention_modules(model)
-    saved = [m.chunk_size for m in modules]
-    for m in modules:
-        m.chunk_size = length
-    try:
-        yield
-    finally:
-        for m, size in zip(modules, saved):
-            m.chunk_size = size
 
 
 def _iteration(model, level, batch, length, vocab, g):
@@ -63,27 +47,26 @@ def train_rows(models, lengths, *, tokens, levels=("layer", "model"), naive_max_
     """One row per (level, length, form): median seconds and peak bytes of one iteration, per token."""
     rows = []
     g = torch.Generator().manual_seed(seed)
-    for model in models.values():
+    # The naive form: the T2R model built with chunks as long as any sequence it runs (a chunk is
+    # never longer than the sequence, so each runs in one chunk: the T x T form).
+    forms = {"softmax": models["softmax"], "t2r": models["t2r"],
+             "t2r-naive": t2r_twin(models["t2r"], chunk_size=naive_max_length)}
+    for model in forms.values():
         model.train()
     try:
         for level in levels:
             for length in lengths:
                 batch = max(1, tokens // length)
-                # form -> (model, its context: the naive form is the T2R model in a single chunk)
-                forms = {"softmax": (models["softmax"], contextlib.nullcontext),
-                         "t2r": (models["t2r"], contextlib.nullcontext)}
-                if length <= naive_max_length:
-                    forms["t2r-naive"] = (models["t2r"], lambda: single_chunk(models["t2r"], length))
                 runs = {}
-                for form, (model, context) in forms.items():
-                    with context():
-                        iteration = _iteration(model, level, batch, length, vocab, g)
-                        # The profiled first iteration is also the warm-up.
-                        runs[form] = dict(iteration=iteration, peak=peak_bytes(iteration), times=[])
+                for form, model in forms.items():
+                    if form == "t2r-naive" and length > naive_max_length:
+                        continue
+                    iteration = _iteration(model, level, batch, length, vocab, g)
+                    # The profiled first iteration is also the warm-up.
+                    runs[form] = dict(iteration=iteration, peak=peak_bytes(iteration), times=[])
                 for r in range(rounds):
-                    for form, (model, context) in forms.items():
-                        with context():
-                            runs[form]["times"].append(timed(runs[form]["iteration"]))
+                    for run in runs.values():
+                        run["times"].append(timed(run["iteration"]))
                 n = batch * length
                 for form, run in runs.items():
                     wall, cpu = medians(run["times"])
@@ -92,6 +75,6 @@ def train_rows(models, lengths, *, tokens, levels=("layer", "model"), naive_max_
                 log(f"  {level:5s} L={length:5d} B={batch:2d}  " + "  ".join(
                     f"{r['form']} {r['token_s'] * 1e6:7.1f} us/tok" for r in rows[-len(runs):]))
     finally:
-        for model in models.values():
+        for model in forms.values():
             model.eval()
     return rows

@@ -17,7 +17,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 
-from .attention import T2RAttention
+from .attention import T2RSelfAttention
 
 
 @dataclass
@@ -75,7 +75,7 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         total, layers = 0.0, 0
         for index, layer in enumerate(model.decoder.layers):
             attn = _unwrap(layer).self_attn
-            if not isinstance(attn, T2RAttention):
+            if not isinstance(attn, T2RSelfAttention):
                 continue  # hybrid: a layer kept softmax has nothing to learn here
             query, padding, target = self._captured[index]
             out, _ = attn(query=query, key=query, value=query, key_padding_mask=padding)
@@ -95,6 +95,9 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         return self.compute_loss(model, model(**sample["net_input"]), sample, reduce=reduce)[0]
 
     def forward(self, model, sample, reduce=True):
+        # Training progress reaches a criterion only through the model: fairseq's task.train_step
+        # calls model.set_num_updates just before the criterion (the trainer has no criterion
+        # hook), and T2RDecoder keeps it, as fairseq's latency-augmented criterion reads it.
         updates = getattr(model.decoder, "num_updates", 0)
         transfer_only = model.training and updates < self.only_updates
         if model.training:

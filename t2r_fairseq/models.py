@@ -17,7 +17,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from fairseq.utils import safe_getattr
 
-from .attention import T2RAttention
+from .attention import T2RCrossAttention, T2RSelfAttention
 from .feature_maps import FEATURE_MAPS
 
 
@@ -69,21 +69,18 @@ class T2RDecoderLayer(TransformerDecoderLayerBase):
         self.softmax_self_attention = softmax_self_attention
         super().__init__(cfg, no_encoder_attn)
 
-    def _t2r_attention(self, embed_dim, num_heads, **kwargs):
-        return T2RAttention(embed_dim, num_heads, feature_map=self.t2r_args.t2r_feature_map,
-                            feature_dim=self.t2r_args.t2r_feature_dim,
-                            chunk_size=self.t2r_args.t2r_chunk_size, **kwargs)
-
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
         if self.softmax_self_attention:
             return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
-        return self._t2r_attention(embed_dim, cfg.decoder.attention_heads)
+        return T2RSelfAttention(embed_dim, cfg.decoder.attention_heads, feature_map=self.t2r_args.t2r_feature_map,
+                                feature_dim=self.t2r_args.t2r_feature_dim, chunk_size=self.t2r_args.t2r_chunk_size)
 
     def build_encoder_attention(self, embed_dim, cfg):
         if self.t2r_args.t2r_cross_attention == "softmax":
             return super().build_encoder_attention(embed_dim, cfg)
-        return self._t2r_attention(embed_dim, cfg.decoder.attention_heads, kdim=cfg.encoder.embed_dim,
-                                   vdim=cfg.encoder.embed_dim, cross_attention=True)
+        return T2RCrossAttention(embed_dim, cfg.decoder.attention_heads, kdim=cfg.encoder.embed_dim,
+                                 vdim=cfg.encoder.embed_dim, feature_map=self.t2r_args.t2r_feature_map,
+                                 feature_dim=self.t2r_args.t2r_feature_dim)
 
 
 class T2RDecoder(TransformerDecoder):

@@ -12,7 +12,6 @@ prints the same "Loss (base 2), Perplexity" line as fairseq-eval-lm. The split i
 --streams contiguous pieces scored side by side as a batch (each its own recurrent state).
 """
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -22,25 +21,6 @@ import time
 import torch
 
 logger = logging.getLogger("t2r_fairseq.score_stream")
-
-
-@contextlib.contextmanager
-def carried_state(model):
-    """Within the block, every T2R self-attention continues from its previous call's state."""
-    from .attention import T2RAttention
-
-    decoder_layers = model.decoder.layers
-    attns = [getattr(layer, "module", layer).self_attn for layer in decoder_layers]
-    if not all(isinstance(a, T2RAttention) for a in attns):
-        raise ValueError("stream scoring needs every decoder layer to be T2R (a softmax layer cannot carry "
-                         "its context across blocks); use fairseq-eval-lm --context-window for hybrid models")
-    for a in attns:
-        a.carry_state, a.carried_state = True, None
-    try:
-        yield
-    finally:
-        for a in attns:
-            a.carry_state, a.carried_state = False, None
 
 
 def token_stream(task, subset: str) -> torch.Tensor:
@@ -58,6 +38,12 @@ def token_stream(task, subset: str) -> torch.Tensor:
 @torch.no_grad()
 def score(model, stream: torch.Tensor, eos: int, block: int, streams: int) -> tuple:
     """Summed NLL (nats) and token count over the stream; every token predicted from all before it."""
+    # Imported here, not at start-up: fairseq takes seconds to import, and --help should not wait.
+    from .attention import T2RSelfAttention, prefill
+
+    if not all(isinstance(getattr(layer, "module", layer).self_attn, T2RSelfAttention) for layer in model.decoder.layers):
+        raise ValueError("stream scoring needs every decoder layer to be T2R (a softmax layer cannot carry "
+                         "its context across blocks); use fairseq-eval-lm --context-window for hybrid models")
     inputs = torch.cat([stream.new_tensor([eos]), stream[:-1]])
     length = -(-stream.numel() // streams)
     pad = length * streams - stream.numel()
@@ -65,13 +51,13 @@ def score(model, stream: torch.Tensor, eos: int, block: int, streams: int) -> tu
     # token's score, and padded targets are not counted.
     inputs = torch.cat([inputs, inputs.new_full((pad,), eos)]).view(streams, length)
     targets = torch.cat([stream, stream.new_full((pad,), -1)]).view(streams, length)
-    total = 0.0
-    with carried_state(model):
-        for start in range(0, length, block):
-            x, y = inputs[:, start:start + block], targets[:, start:start + block]
-            lprobs = model.get_normalized_probs(model(x), log_probs=True)
-            real = y.ge(0)
-            total -= lprobs.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)[real].sum().item()
+    total, state = 0.0, {}
+    for start in range(0, length, block):
+        x, y = inputs[:, start:start + block], targets[:, start:start + block]
+        # Each block continues the state the previous one left in `state`, as decoding would.
+        lprobs = model.get_normalized_probs(prefill(model.decoder, x, state), log_probs=True)
+        real = y.ge(0)
+        total -= lprobs.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)[real].sum().item()
     return total, stream.numel()
 
 

@@ -61,8 +61,7 @@ def test_prefix_then_steps_equals_whole():
     prefix, state = la.causal_linear_attention(q[:, :, :70], k[:, :, :70], v[:, :, :70])
     outs = [prefix]
     for t in range(70, 100):
-        out, state = la.linear_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state,
-                                              inplace=True)
+        out, state = la.linear_attention_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=1e-5, atol=1e-5)
 
@@ -81,9 +80,22 @@ def test_all_zero_features_give_zero_not_nan():
     assert torch.isfinite(out).all() and (out == 0).all()
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_packed_step_equals_naive(inplace):
+    """The decode step on [S | z] with v1 = [v | 1]; in place, it writes into the given state."""
+    q, k, v = _inputs(2, 3, 1, 5, 4)
+    state = _state(2, 3, 5, 4)
+    out_n, final_n = la.naive_causal_linear_attention(q, k, v, initial_state=state)
+    packed = la.pack_state(state)
+    out, new = la.packed_linear_attention_step(q, k, la.with_ones_column(v), packed, inplace=inplace)
+    assert (new is packed) == inplace
+    torch.testing.assert_close(out, out_n, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new, la.pack_state(final_n), rtol=1e-12, atol=1e-12)
+
+
 def test_cross_attention_state_matches_full_read():
     q, k, v = _inputs(2, 2, 9, 4, 3, dtype=torch.float64)
-    out = la.linear_attention_read(q, la.linear_attention_state(k, v))
+    out = la.packed_linear_attention_read(q, la.packed_linear_attention_state(k, la.with_ones_column(v)))
     weights = q @ k.transpose(-1, -2)
     expected = (weights @ v) / (weights.sum(-1, keepdim=True) + la.DEFAULT_EPS)
     torch.testing.assert_close(out, expected.to(out.dtype), rtol=1e-6, atol=1e-6)
