@@ -50,7 +50,7 @@ def test_hub_interface_samples_and_scores_a_t2r_language_model(lm_workdir, t2r_l
     """A fresh process that does not import t2r_fairseq itself: from_pretrained's user_dir does."""
     code = HUB.format(model_dir=str(t2r_lm), data=str(lm_workdir / "bin"), user_dir=USER_DIR)
     out = run([sys.executable, "-c", code]).stdout
-    assert "attention: T2RAttention" in out, out
+    assert "attention: T2RSelfAttention" in out, out
     scores = [float(s) for s in re.search(r"^scores: (.*)$", out, flags=re.M).group(1).split()]
     assert len(scores) == 6 and all(-30 < s < 0 for s in scores)  # a log-probability per word
     assert re.search(r"^sample: the value of \S", out, flags=re.M), out
