@@ -41,7 +41,8 @@ def score(model, stream: torch.Tensor, eos: int, block: int, streams: int) -> tu
     # Imported here, not at start-up: fairseq takes seconds to import, and --help should not wait.
     from .attention import T2RSelfAttention, prefill
 
-    if not all(isinstance(getattr(layer, "module", layer).self_attn, T2RSelfAttention) for layer in model.decoder.layers):
+    layers = [getattr(layer, "module", layer) for layer in model.decoder.layers]  # unwraps FSDP
+    if not all(isinstance(layer.self_attn, T2RSelfAttention) for layer in layers):
         raise ValueError("stream scoring needs every decoder layer to be T2R (a softmax layer cannot carry "
                          "its context across blocks); use fairseq-eval-lm --context-window for hybrid models")
     inputs = torch.cat([stream.new_tensor([eos]), stream[:-1]])
