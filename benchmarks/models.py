@@ -47,7 +47,7 @@ def build_models(layers=6, dim=512, heads=8, ffn=None, vocab=8000, feature_dim=3
     from fairseq.models import ARCH_MODEL_REGISTRY
 
     import t2r_fairseq  # noqa: F401  (registers t2r_lm)
-    from t2r_fairseq.convert import placeholder_dictionary, transfer_softmax_weights
+    from t2r_fairseq.transfer import placeholder_dictionary, transfer_softmax_weights
 
     ffn = ffn or 4 * dim
     dictionary = placeholder_dictionary(vocab)

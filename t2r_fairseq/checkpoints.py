@@ -5,16 +5,16 @@ numpy scalars) that fairseq stores in every checkpoint, so fairseq's own CLIs ca
 checkpoint. Rather than turning safe loading off, we allow exactly those types.
 """
 import argparse
-import logging
 import os
 
 import numpy as np
 import torch
+from fairseq import checkpoint_utils
 
-logger = logging.getLogger(__name__)
+from .errors import T2RUsageError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(T2RUsageError):
     """A checkpoint that cannot be used as asked; the message names the file and the fix."""
 
 
@@ -34,8 +34,6 @@ def allow_fairseq_checkpoints():
 
 def load_checkpoint(path: str) -> dict:
     """fairseq's loader (which upgrades old 'args' checkpoints to 'cfg'), with one-line errors."""
-    from fairseq import checkpoint_utils
-
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:

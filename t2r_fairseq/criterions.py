@@ -18,6 +18,8 @@ from fairseq.criterions.adaptive_loss import AdaptiveLoss
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 
 from .attention import T2RSelfAttention
+from .errors import T2RUsageError
+from .tasks import task_config
 
 
 @dataclass
@@ -28,10 +30,6 @@ class AttentionTransferConfig(CrossEntropyCriterionConfig):
         default=0, metadata={"help": "first N updates train only the feature maps, on the transfer term alone"})
 
 
-def _task_cfg(task):
-    return task.cfg if getattr(task, "cfg", None) is not None else task.args
-
-
 def _unwrap(layer):
     return getattr(layer, "module", layer)  # checkpoint/FSDP wrappers
 
@@ -40,10 +38,10 @@ def _unwrap(layer):
 class AttentionTransferCriterion(CrossEntropyCriterion):
     def __init__(self, task, sentence_avg, attention_transfer_weight=1.0, attention_transfer_only_updates=0):
         super().__init__(task, sentence_avg)
-        teacher_path = getattr(_task_cfg(task), "convert_from", None)
+        teacher_path = getattr(task_config(task), "convert_from", None)
         if not teacher_path:
-            raise ValueError("--criterion t2r_attention_transfer needs the softmax teacher: pass --convert-from "
-                             "with --task t2r_language_modeling or t2r_translation")
+            raise T2RUsageError("--criterion t2r_attention_transfer needs the softmax teacher: pass --convert-from "
+                                "with --task t2r_language_modeling or t2r_translation")
         self.weight = attention_transfer_weight
         self.only_updates = attention_transfer_only_updates
         from fairseq import checkpoint_utils

@@ -4,9 +4,8 @@
 Only fairseq's build hooks are overridden (build_decoder_layer, build_self_attention,
 build_encoder_attention), never a forward pass, so upstream fixes keep flowing in.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import (ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY, register_model,
@@ -15,89 +14,60 @@ from fairseq.models.transformer import TransformerDecoder, TransformerModel
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
-from fairseq.utils import safe_getattr
 
 from .attention import T2RCrossAttention, T2RSelfAttention
-from .feature_maps import FEATURE_MAPS
-
-
-@dataclass
-class T2RConfig(FairseqDataclass):
-    t2r_feature_map: ChoiceEnum(FEATURE_MAPS) = field(
-        default="t2r", metadata={"help": "feature map phi: t2r = relu(Wx+b) learned (the paper's), "
-                                         "elu = elu(x)+1, rfa = random Fourier features, hedgehog = "
-                                         "softmax(+-(Wx+b)) learned, performer = positive random features"})
-    t2r_feature_dim: int = field(
-        default=32, metadata={"help": "feature size k per head (t2r: rows of W; rfa, hedgehog: 2k features; "
-                                      "performer: k random features; elu ignores it: k = head dim)"})
-    t2r_chunk_size: int = field(
-        default=64, metadata={"help": "chunk length of the parallel causal form (speed/memory only)"})
-    t2r_softmax_layers: str = field(
-        default="", metadata={"help": "comma-separated decoder layer indices (from 0) that keep softmax "
-                                      "self-attention (hybrid model), e.g. '3,7'"})
-    t2r_cross_attention: ChoiceEnum(["t2r", "softmax"]) = field(
-        default="t2r", metadata={"help": "encoder-decoder attention of translation models: t2r (the "
-                                         "paper's) or keep softmax"})
-
-
-T2R_DEFAULTS = {name: f.default for name, f in T2RConfig.__dataclass_fields__.items()}
-
-
-def set_t2r_defaults(args):
-    for name, default in T2R_DEFAULTS.items():
-        setattr(args, name, safe_getattr(args, name, default))
-
-
-def softmax_layer_indices(args) -> set:
-    spec = safe_getattr(args, "t2r_softmax_layers", "") or ""
-    try:
-        indices = {int(i) for i in str(spec).split(",") if i.strip()}
-    except ValueError:
-        raise ValueError(f"--t2r-softmax-layers must be comma-separated integers, got {spec!r}") from None
-    bad = sorted(i for i in indices if not 0 <= i < args.decoder_layers)
-    if bad:
-        raise ValueError(f"--t2r-softmax-layers {bad} out of range for {args.decoder_layers} decoder layers")
-    return indices
+from .errors import T2RUsageError
+from .options import T2RConfig, T2ROptions, set_t2r_defaults, t2r_options
 
 
 class T2RDecoderLayer(TransformerDecoderLayerBase):
     """fairseq's decoder layer with T2R self-attention (and cross-attention)."""
 
-    def __init__(self, cfg, t2r_args, no_encoder_attn=False, softmax_self_attention=False):
+    def __init__(self, cfg, options: T2ROptions, no_encoder_attn=False, softmax_self_attention=False):
         # Read by the build hooks that the base __init__ calls.
-        self.t2r_args = t2r_args
+        self.options = options
         self.softmax_self_attention = softmax_self_attention
         super().__init__(cfg, no_encoder_attn)
 
     def build_self_attention(self, embed_dim, cfg, add_bias_kv=False, add_zero_attn=False):
         if self.softmax_self_attention:
             return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
-        return T2RSelfAttention(embed_dim, cfg.decoder.attention_heads, feature_map=self.t2r_args.t2r_feature_map,
-                                feature_dim=self.t2r_args.t2r_feature_dim, chunk_size=self.t2r_args.t2r_chunk_size)
+        return T2RSelfAttention(embed_dim, cfg.decoder.attention_heads, feature_map=self.options.feature_map,
+                                feature_dim=self.options.feature_dim, chunk_size=self.options.chunk_size)
 
     def build_encoder_attention(self, embed_dim, cfg):
-        if self.t2r_args.t2r_cross_attention == "softmax":
+        if self.options.cross_attention == "softmax":
             return super().build_encoder_attention(embed_dim, cfg)
         return T2RCrossAttention(embed_dim, cfg.decoder.attention_heads, kdim=cfg.encoder.embed_dim,
-                                 vdim=cfg.encoder.embed_dim, feature_map=self.t2r_args.t2r_feature_map,
-                                 feature_dim=self.t2r_args.t2r_feature_dim)
+                                 vdim=cfg.encoder.embed_dim, feature_map=self.options.feature_map,
+                                 feature_dim=self.options.feature_dim)
+
+    def make_generation_fast_(self, need_attn: bool = False, **kwargs):
+        # fairseq's generate/interactive ask every layer for its attention weights here when given
+        # --print-alignment; linear cross-attention has none (it never forms a target x source matrix).
+        if need_attn and self.encoder_attn is not None and self.options.cross_attention != "softmax":
+            raise T2RUsageError("--print-alignment needs cross-attention weights, which T2R cross-attention "
+                                "does not compute; use a model trained (or converted) with "
+                                "--t2r-cross-attention softmax, or drop --print-alignment")
+        super().make_generation_fast_(need_attn=need_attn, **kwargs)
 
 
 class T2RDecoder(TransformerDecoder):
     """fairseq's TransformerDecoder whose layers are T2RDecoderLayers."""
 
     def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
-        # The base class converts args to a TransformerConfig, which drops our t2r_* options.
-        self.t2r_args = args
-        self.softmax_layers = softmax_layer_indices(args)
+        # Checked here, once, for every way a model is built (fairseq-train, checkpoint loading,
+        # t2r-convert, the Python API); the base class converts args to a TransformerConfig,
+        # which drops our t2r_* options.
+        self.options = t2r_options(args)
         self._layers_built = 0
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         index = self._layers_built
         self._layers_built += 1
-        layer = T2RDecoderLayer(cfg, self.t2r_args, no_encoder_attn,
-                                softmax_self_attention=index in self.softmax_layers)
+        layer = T2RDecoderLayer(cfg, self.options, no_encoder_attn,
+                                softmax_self_attention=index in self.options.softmax_layers)
         # The wrapping fairseq's own build_decoder_layer applies.
         if cfg.checkpoint_activations:
             layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
@@ -109,7 +79,7 @@ class T2RDecoder(TransformerDecoder):
 
     def buffered_future_mask(self, tensor):
         # T2R layers are causal by construction: only softmax layers need the T x T mask.
-        return super().buffered_future_mask(tensor) if self.softmax_layers else None
+        return super().buffered_future_mask(tensor) if self.options.softmax_layers else None
 
 
 def _replace_decoder(model, args, no_encoder_attn):

@@ -1,7 +1,7 @@
 """Conversion tasks: `t2r_language_modeling` and `t2r_translation`.
 
 They are fairseq's language_modeling / translation plus `--convert-from PATH`: when training
-starts fresh, the T2R model is initialized from that softmax checkpoint (see convert.py). When
+starts fresh, the T2R model is initialized from that softmax checkpoint (see transfer.py). When
 there is something to resume from, fairseq's normal resume wins and nothing is converted.
 """
 import logging
@@ -15,7 +15,8 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from omegaconf import II
 
 from .checkpoints import load_checkpoint
-from .convert import transfer_softmax_weights
+from .errors import T2RUsageError
+from .transfer import transfer_softmax_weights
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ class ConvertFromConfig:
     # Read, not set: conversion must not run when fairseq is about to resume.
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
+    # Read, not set: half precision on CPU fails deep inside fairseq's trainer.
+    cpu: bool = II("common.cpu")
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
 
 
 def _resume_checkpoint(cfg) -> Optional[str]:
@@ -37,20 +42,40 @@ def _resume_checkpoint(cfg) -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
-def convert_on_fresh_start(task, model, from_checkpoint: bool):
-    # language_modeling is a legacy task (config in .args), translation a dataclass one (.cfg).
-    task_cfg = task.cfg if task.cfg is not None else task.args
-    if not task_cfg.convert_from or from_checkpoint:
+def task_config(task):
+    """language_modeling is a LegacyFairseqTask (its config is .args), translation a dataclass task (.cfg)."""
+    return task.cfg if getattr(task, "cfg", None) is not None else task.args
+
+
+def _check_precision(cfg):
+    # `is True`: outside fairseq's CLIs (a config built by hand) the fields may hold the unresolved "${...}".
+    for flag in ("fp16", "bf16"):
+        if cfg.cpu is True and getattr(cfg, flag) is True:
+            raise T2RUsageError(f"--{flag} needs a CUDA GPU; on CPU (--cpu) drop --{flag}")
+
+
+class T2RTask:
+    """What both tasks add to fairseq's: --convert-from on a fresh start, and early checks."""
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        if not kwargs.get("from_checkpoint"):  # a checkpoint's saved flags were checked when it was trained
+            _check_precision(cfg)
+        return super().setup_task(cfg, **kwargs)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        source = task_config(self).convert_from
+        if not source or from_checkpoint:
+            return model
+        resume = _resume_checkpoint(task_config(self))
+        if resume is not None:
+            logger.info(f"resuming from {resume}: skipping --convert-from {source}")
+            return model
+        new_keys = transfer_softmax_weights(model, load_checkpoint(source)["model"], source=source)
+        logger.info(f"converted {source}: reused {len(model.state_dict()) - len(new_keys)} tensors, "
+                    f"{len(new_keys)} new: {', '.join(new_keys)}")
         return model
-    resume = _resume_checkpoint(task_cfg)
-    if resume is not None:
-        logger.info(f"resuming from {resume}: skipping --convert-from {task_cfg.convert_from}")
-        return model
-    state = load_checkpoint(task_cfg.convert_from)
-    new_keys = transfer_softmax_weights(model, state["model"], source=task_cfg.convert_from)
-    logger.info(f"converted {task_cfg.convert_from}: reused {len(model.state_dict()) - len(new_keys)} tensors, "
-                f"{len(new_keys)} new: {', '.join(new_keys)}")
-    return model
 
 
 @dataclass
@@ -59,9 +84,8 @@ class T2RLanguageModelingConfig(LanguageModelingConfig, ConvertFromConfig):
 
 
 @register_task("t2r_language_modeling", dataclass=T2RLanguageModelingConfig)
-class T2RLanguageModelingTask(LanguageModelingTask):
-    def build_model(self, cfg, from_checkpoint=False):
-        return convert_on_fresh_start(self, super().build_model(cfg, from_checkpoint), from_checkpoint)
+class T2RLanguageModelingTask(T2RTask, LanguageModelingTask):
+    pass
 
 
 @dataclass
@@ -70,6 +94,5 @@ class T2RTranslationConfig(TranslationConfig, ConvertFromConfig):
 
 
 @register_task("t2r_translation", dataclass=T2RTranslationConfig)
-class T2RTranslationTask(TranslationTask):
-    def build_model(self, cfg, from_checkpoint=False):
-        return convert_on_fresh_start(self, super().build_model(cfg, from_checkpoint), from_checkpoint)
+class T2RTranslationTask(T2RTask, TranslationTask):
+    pass

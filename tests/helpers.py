@@ -34,7 +34,7 @@ def parse_model_args(arch, extra=(), task="language_modeling"):
 def build_model(arch, extra=(), vocab=60, src_vocab=None, task="language_modeling", seed=0):
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    from t2r_fairseq.convert import placeholder_dictionary
+    from t2r_fairseq.transfer import placeholder_dictionary
 
     args = parse_model_args(arch, extra, task)
     tgt = placeholder_dictionary(vocab)

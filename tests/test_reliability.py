@@ -1,12 +1,12 @@
 """Long runs on shared clusters: a SIGKILLed conversion run resumes and ends where an
 uninterrupted one ends; 2-process training on fairseq's distributed engine matches 1 process
 with --update-freq 2."""
-import os
+import pathlib
 import re
 import signal
 import socket
 import subprocess
-import time
+import sys
 
 import torch
 
@@ -34,17 +34,13 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(lm_workdir):
     reference = lm_workdir / "uninterrupted"
     run(_train_cmd(lm_workdir, reference, 12, extra))
 
+    # The same command, SIGKILLed by itself right after the checkpoint at update 4 is written.
     killed = lm_workdir / "killed"
-    proc = subprocess.Popen(_train_cmd(lm_workdir, killed, 12, extra), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint_1_4.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    updates_at_kill = torch.load(killed / "checkpoint_last.pt", weights_only=False)["optimizer_history"][-1][
-        "num_updates"]
-    assert updates_at_kill < 12, "the run finished before it could be killed"
+    crashed = run([sys.executable, pathlib.Path(__file__).parent / "sigkill_after_checkpoint.py", 4,
+                   *_train_cmd(lm_workdir, killed, 12, extra)[1:]], check=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    last = torch.load(killed / "checkpoint_last.pt", weights_only=False)
+    assert last["optimizer_history"][-1]["num_updates"] == 4
 
     second = run(_train_cmd(lm_workdir, killed, 12, extra))
     log = second.stdout + second.stderr

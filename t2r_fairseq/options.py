@@ -1,0 +1,97 @@
+"""T2R's options: the flags, declared once in T2RConfig (fairseq's parsers and t2r-convert are
+generated from it), and T2ROptions, their values checked once when a model is built.
+
+T2RConfig holds what the user typed (names start with `t2r_`: fairseq routes `decoder_`/`encoder_`
+names into sub-configs); T2ROptions holds what the model uses (e.g. the softmax layers as a set of
+indices). A new option (a sliding window, a decay) is a field in each and a check in t2r_options.
+"""
+from dataclasses import dataclass, field
+from typing import FrozenSet
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.utils import safe_getattr
+
+from .errors import T2RUsageError
+from .feature_maps import FEATURE_MAPS
+
+CROSS_ATTENTION = ("t2r", "softmax")
+
+
+@dataclass
+class T2RConfig(FairseqDataclass):
+    t2r_feature_map: ChoiceEnum(FEATURE_MAPS) = field(
+        default="t2r", metadata={"help": "feature map phi: t2r = relu(Wx+b) learned (the paper's), "
+                                         "elu = elu(x)+1, rfa = random Fourier features, hedgehog = "
+                                         "softmax(+-(Wx+b)) learned, performer = positive random features"})
+    t2r_feature_dim: int = field(
+        default=32, metadata={"help": "feature size k per head (t2r: rows of W; rfa, hedgehog: 2k features; "
+                                      "performer: k random features; elu ignores it: k = head dim)"})
+    t2r_chunk_size: int = field(
+        default=64, metadata={"help": "chunk length of the parallel causal form (speed/memory only)"})
+    t2r_softmax_layers: str = field(
+        default="", metadata={"help": "comma-separated decoder layer indices (from 0) that keep softmax "
+                                      "self-attention (hybrid model), e.g. '3,7'"})
+    t2r_cross_attention: ChoiceEnum(CROSS_ATTENTION) = field(
+        default="t2r", metadata={"help": "encoder-decoder attention of translation models: t2r (the "
+                                         "paper's) or keep softmax"})
+
+
+# Every T2R flag's default, by field name (FairseqDataclass's own `_name` is not a flag).
+T2R_DEFAULTS = {name: f.default for name, f in T2RConfig.__dataclass_fields__.items() if name.startswith("t2r_")}
+
+
+def set_t2r_defaults(args):
+    for name, default in T2R_DEFAULTS.items():
+        setattr(args, name, safe_getattr(args, name, default))
+
+
+@dataclass(frozen=True)
+class T2ROptions:
+    """The T2R options of one model, checked: what its decoder and attention layers are built from."""
+    feature_map: str
+    feature_dim: int
+    chunk_size: int
+    softmax_layers: FrozenSet[int]  # decoder layers that keep softmax self-attention
+    cross_attention: str
+
+
+class T2ROptionError(T2RUsageError):
+    """A T2R option out of range; the message names the flag."""
+
+
+def _positive_int(args, name: str) -> int:
+    value = safe_getattr(args, name, T2R_DEFAULTS[name])
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise T2ROptionError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    return value
+
+
+def _choice(args, name: str, choices) -> str:
+    value = str(safe_getattr(args, name, T2R_DEFAULTS[name]))  # str() of fairseq's ChoiceEnum is its value
+    if value not in choices:
+        raise T2ROptionError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def _softmax_layers(args) -> FrozenSet[int]:
+    spec = str(safe_getattr(args, "t2r_softmax_layers", "") or "")
+    try:
+        indices = frozenset(int(i) for i in spec.split(",") if i.strip())
+    except ValueError:
+        raise T2ROptionError(f"--t2r-softmax-layers must be comma-separated layer indices such as 3,7, "
+                             f"got {spec!r}") from None
+    bad = sorted(i for i in indices if not 0 <= i < args.decoder_layers)
+    if bad:
+        raise T2ROptionError(f"--t2r-softmax-layers {bad} out of range for {args.decoder_layers} decoder layers "
+                             f"(indices run from 0 to {args.decoder_layers - 1})")
+    return indices
+
+
+def t2r_options(args) -> T2ROptions:
+    """The checked T2R options of model args (argparse Namespace or fairseq config; missing
+    options take T2RConfig's defaults). Raises T2ROptionError naming the flag."""
+    return T2ROptions(feature_map=_choice(args, "t2r_feature_map", FEATURE_MAPS),
+                      feature_dim=_positive_int(args, "t2r_feature_dim"),
+                      chunk_size=_positive_int(args, "t2r_chunk_size"),
+                      softmax_layers=_softmax_layers(args),
+                      cross_attention=_choice(args, "t2r_cross_attention", CROSS_ATTENTION))
