@@ -7,8 +7,8 @@ from t2r_fairseq import linear_attention as la
 from .models import prefill, t2r_twin
 
 
-def _diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
+def _diff(*pairs):
+    return max((a.double() - b.double()).abs().max().item() for a, b in pairs)
 
 
 def run_checks(models, *, vocab, prefix=96, steps=8, seed=0):
@@ -19,44 +19,41 @@ def run_checks(models, *, vocab, prefix=96, steps=8, seed=0):
     # The math, float64: chunked (two chunk sizes) and step-by-step against the quadratic form.
     q, k = (torch.rand(2, 3, 257, 8, generator=g, dtype=torch.float64) for _ in range(2))
     v = torch.randn(2, 3, 257, 16, generator=g, dtype=torch.float64)
-    s0 = (torch.randn(2, 3, 8, 16, generator=g, dtype=torch.float64), torch.rand(2, 3, 8, generator=g, dtype=torch.float64))
-    ref, ref_state = la.naive_causal_linear_attention(q, k, v, initial_state=s0)
-    for name, (out, state) in {"chunked(64)": la.causal_linear_attention(q, k, v, initial_state=s0),
-                               "chunked(16)": la.causal_linear_attention(q, k, v, initial_state=s0, chunk_size=16),
-                               "step-by-step": la.recurrent_linear_attention(q, k, v, initial_state=s0)}.items():
+    s0 = (torch.randn(2, 3, 8, 16, generator=g, dtype=torch.float64),
+          torch.rand(2, 3, 8, generator=g, dtype=torch.float64))
+    ref, (ref_s, ref_z) = la.naive_causal_linear_attention(q, k, v, initial_state=s0)
+    for name, (out, (s, z)) in {"chunked(64)": la.causal_linear_attention(q, k, v, initial_state=s0),
+                                "chunked(16)": la.causal_linear_attention(q, k, v, initial_state=s0, chunk_size=16),
+                                "step-by-step": la.recurrent_linear_attention(q, k, v, initial_state=s0)}.items():
         results.append((f"math float64: {name} vs naive (outputs, S, z)",
-                        max(_diff(out, ref), _diff(state[0], ref_state[0]), _diff(state[1], ref_state[1])), 1e-9))
+                        _diff((out, ref), (s, ref_s), (z, ref_z)), 1e-9))
 
     # Whole models, float32: prefill + single-token steps (the path timed) vs one full forward.
     tokens = torch.randint(4, vocab, (2, prefix + steps), generator=g)
     with torch.no_grad():
         for name, model in models.items():
-            full = model.decoder(tokens)[0][:, prefix:]
             state = prefill(model, tokens[:, :prefix])
             inc = torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
                              for t in range(prefix, prefix + steps)], dim=1)
             results.append((f"{name}: prefill + {steps} incremental steps vs full forward (logits)",
-                            _diff(inc, full), 1e-3))
-
-    if "t2r" in models:
-        t2r = models["t2r"]
-        # The textbook form (projections, then feature map), built as such with the same weights.
-        plain = t2r_twin(t2r, fold_feature_map=False)
-        with torch.no_grad():
-            results.append(("t2r: feature map folded into one q/k/v matmul vs unfolded (logits)",
-                            _diff(t2r.decoder(tokens)[0], plain.decoder(tokens)[0]), 1e-3))
-
-        # Training: chunked vs single chunk (quadratic) on a layer, outputs and input gradients.
-        x = torch.randn(300, 2, t2r.decoder.embed_dim, generator=g)
-        grads = []
-        for model in (t2r, t2r_twin(t2r, chunk_size=300)):
-            xi = x.clone().requires_grad_()
-            with torch.enable_grad():
-                out = model.decoder.layers[0](xi)[0]
-                out.backward(torch.ones_like(out))
-            grads.append((out.detach(), xi.grad))
-        results.append(("t2r layer: chunked vs naive, outputs and input gradients (float32)",
-                        max(_diff(grads[0][0], grads[1][0]), _diff(grads[0][1], grads[1][1])), 1e-3))
+                            _diff((inc, model.decoder(tokens)[0][:, prefix:])), 1e-3))
+    if "t2r" not in models:
+        return results
+    t2r = models["t2r"]
+    plain = t2r_twin(t2r, fold_feature_map=False)  # the textbook form (projections, then feature map), same weights
+    with torch.no_grad():
+        results.append(("t2r: feature map folded into one q/k/v matmul vs unfolded (logits)",
+                        _diff((t2r.decoder(tokens)[0], plain.decoder(tokens)[0])), 1e-3))
+    # Training: chunked vs single chunk (quadratic) on a layer, outputs and input gradients.
+    x = torch.randn(300, 2, t2r.decoder.embed_dim, generator=g)
+    grads = []
+    for model in (t2r, t2r_twin(t2r, chunk_size=300)):
+        xi = x.clone().requires_grad_()
+        with torch.enable_grad():
+            out = model.decoder.layers[0](xi)[0]
+            out.backward(torch.ones_like(out))
+        grads.append((out.detach(), xi.grad))
+    results.append(("t2r layer: chunked vs naive, outputs and input gradients (float32)", _diff(*zip(*grads)), 1e-3))
     return results
 
 

@@ -1,22 +1,13 @@
 """Memory of long generation: the peak resident set size (RSS) of a process in which fairseq's
-SequenceGenerator (beam 1, batch 1) produces exactly N tokens, for T2R (a constant-size state) and,
-for contrast, the softmax transformer_lm of the same shape (a key/value cache that grows by one
-entry per token and layer).
+SequenceGenerator (beam 1, batch 1) produces exactly N tokens, T2R (a constant-size state) against
+the softmax transformer_lm of the same shape (a key/value cache that grows with every token).
 
-RSS, not torch tensor bytes (measure.peak_bytes): the claim is about what the user's process
-needs, Python objects, allocator caches and fragmentation included. Each (model, N) runs in a
-fresh process (`python -m benchmarks.generation_memory '<json>'`), so one run's peak cannot hide
-in another's. Every process builds the same model (positions for the longest N), so only N
-differs. In it: build the model, generate a few tokens (lazy allocations that every run pays
-once: kernel caches, first-call buffers), hand the heap memory freed so far back to the kernel
-(malloc_trim: else the build's freed pages, still resident, would absorb what generation
-allocates and hide it), reset the kernel's RSS high-water mark to the current RSS and read it
-(the baseline), generate N tokens, read the high-water mark again (the peak).
-The reset (Linux: "5" written to /proc/self/clear_refs) keeps the model build out of the peak:
-building T2R briefly holds the softmax model too, whose weights it copies, and that transient
-would otherwise hide everything generation adds. The high-water mark is read as VmHWM from
-/proc/self/status, not getrusage's ru_maxrss: ru_maxrss also keeps the peak of the process image
-that exec replaced (the parent's, forked), so every child would report the parent's peak.
+RSS, not tensor bytes: what the user's process needs, Python objects and allocator caches included.
+Each (model, N) runs in a fresh process that builds the same model (positions for the longest N),
+generates a few tokens (one-time allocations), returns freed heap pages to the kernel (malloc_trim:
+else generation would reuse the build's resident pages unseen), resets the kernel's RSS high-water
+mark (VmHWM; "5" written to /proc/self/clear_refs, which keeps the build's transient peak out),
+reads it as the baseline, generates N tokens and reads it again as the peak.
 """
 import ctypes
 import gc
@@ -28,13 +19,8 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _reset_peak_rss():
-    """Sets this process's RSS high-water mark (VmHWM) to its current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _peak_rss_bytes():
+    """VmHWM, not getrusage's ru_maxrss, which keeps the peak of the forked parent's image too."""
     with open("/proc/self/status") as f:
         kib = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
     return int(kib) * 1024
@@ -60,18 +46,17 @@ def _measure(model_name, length, max_positions, threads, shape):
     generate = sequence_generation(model, length=length)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    _reset_peak_rss()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark := the current RSS
     baseline = _peak_rss_bytes()  # = current RSS, through the same counter as the peak
-    tokens = []
-    wall, cpu = timed(lambda: tokens.append(generate()))
+    wall, cpu = timed(generate)
     peak = _peak_rss_bytes()
-    return dict(model=model_name, length=length, tokens=tokens[0].numel(), baseline_bytes=baseline,
+    return dict(model=model_name, length=length, baseline_bytes=baseline,
                 peak_bytes=peak, increment_bytes=peak - baseline, seconds=cpu, wall=wall)
 
 
 def memory_rows(lengths, *, threads, shape, models=("softmax", "t2r"), log=print):
-    """One row per (model, N), each measured in its own fresh process. shape: build_models' size
-    arguments (layers, dim, heads, vocab, feature_dim)."""
+    """One row per (model, N), each measured in a fresh process. shape: build_models' size arguments."""
     rows = []
     for name in models:
         for length in lengths:

@@ -1,10 +1,8 @@
 """Timing and memory primitives shared by the benchmarks.
 
-Memory on CPU: torch's allocator keeps no statistics there and RSS mixes in the Python heap and
-freed-but-cached pages, so peak memory is counted from torch.profiler's allocation events
-(profile_memory=True): every tensor allocation and free inside the measured call, in order. The
-running sum's maximum is the peak of torch tensor bytes allocated *on top of* what was live when
-the call started. Callers add what was live and relevant (the decode state, the kv cache).
+Peak memory on CPU (torch's allocator keeps no statistics there, and RSS mixes in the Python heap
+and cached pages) is the running sum of torch.profiler's allocation events (+bytes, -bytes) inside
+the measured call: the peak of tensor bytes allocated on top of what was live when it started.
 """
 import statistics
 import time
@@ -16,7 +14,7 @@ def peak_bytes(fn) -> int:
     """Peak bytes of torch tensors allocated by fn() above those live when it started."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # kineto's raw events carry signed sizes (+alloc, -free); FunctionEvent aggregates lose order.
+    # kineto's raw events keep the order of allocations and frees; FunctionEvent aggregates lose it.
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     live = peak = 0
@@ -27,21 +25,16 @@ def peak_bytes(fn) -> int:
 
 
 def timed(fn):
-    """(wall seconds, process CPU seconds) of fn(). With one torch thread the CPU time is the
-    work itself: on a machine shared with other jobs it leaves out the time the process waited
-    for a core, which wall time counts and which swamps differences between models."""
+    """(wall seconds, process CPU seconds) of fn(). With one torch thread the CPU time is the work
+    itself: it leaves out the time the process waited for a core on a shared machine."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def median(xs):
-    return statistics.median(xs)
-
-
 def medians(pairs):
     """Median wall and median CPU seconds of a list of timed() results."""
-    return median([p[0] for p in pairs]), median([p[1] for p in pairs])
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def human_bytes(n: float) -> str:

@@ -7,7 +7,6 @@ Warns loudly when the machine is not idle (1-minute load average above 1).
 """
 import argparse
 import datetime
-import json
 import logging
 import pathlib
 import sys
@@ -16,52 +15,34 @@ import warnings
 
 from tools import kit
 
-
-def save_json(path, header, **rows):
-    """The rows behind a markdown file, for tools.readme to build the README's tables from."""
-    path.write_text(json.dumps({"header": {**header, "load_end": kit.load_average()}, **rows}, indent=1) + "\n")
-
-
-def _ints(text):
-    return [int(x) for x in text.split(",") if x]
+SIZES = dict(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, lengths=[128, 512, 1024, 2048, 4096, 8192],
+             batches=[1, 16], seconds=3.0, gen_length=512, beams=[1, 5], memory_lengths=[512, 8192],
+             train_lengths=[512, 1024, 2048, 4096, 8192], train_tokens=8192, train_model_lengths=[512, 4096],
+             train_model_tokens=4096, naive_max_length=2048)
+QUICK = dict(layers=2, dim=128, heads=4, vocab=1000, feature_dim=16, lengths=[64, 512], batches=[1, 4], seconds=0.3,
+             gen_length=32, train_lengths=[128, 512], train_model_lengths=[128, 512], train_tokens=1024,
+             train_model_tokens=1024, memory_lengths=[32, 128])
+HELP = dict(feature_dim="T2R feature size per head", lengths="decode prefix lengths",
+            seconds="decode: timed seconds per model and configuration", gen_length="SequenceGenerator output length",
+            memory_lengths="memory: tokens generated, each in a fresh process",
+            train_tokens="tokens per step of the one-layer rows (batch = tokens // length)",
+            train_model_lengths="lengths of the whole-model rows (an iteration takes tens of seconds on one core)",
+            naive_max_length="longest length for the quadratic T2R form (its T x T matrices grow fast)")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test in under a minute: a small model and short lengths (overrides the size flags)")
+    p.add_argument("--quick", action="store_true", help="smoke test in under a minute (overrides the size flags)")
     p.add_argument("--only", default="decode,generate,train,memory", help="which benchmarks, comma-separated")
-    p.add_argument("--out", default=None, help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=8000)
-    p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
-    p.add_argument("--lengths", type=_ints, default=[128, 512, 1024, 2048, 4096, 8192], help="decode prefix lengths")
-    p.add_argument("--batches", type=_ints, default=[1, 16], help="decode batch sizes")
-    p.add_argument("--seconds", type=float, default=3.0, help="decode: timed seconds per model and configuration")
-    p.add_argument("--gen-length", type=int, default=512, help="SequenceGenerator output length")
-    p.add_argument("--beams", type=_ints, default=[1, 5])
-    p.add_argument("--memory-lengths", type=_ints, default=[512, 8192],
-                   help="memory: tokens generated, each in a fresh process (peak RSS of the longest vs the shortest)")
-    p.add_argument("--train-lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--train-tokens", type=int, default=8192,
-                   help="tokens per step of the one-layer rows (batch = tokens // length)")
-    p.add_argument("--train-model-lengths", type=_ints, default=[512, 4096],
-                   help="lengths of the whole-model rows (an iteration takes tens of seconds on one core)")
-    p.add_argument("--train-model-tokens", type=int, default=4096, help="tokens per step of the whole-model rows")
-    p.add_argument("--naive-max-length", type=int, default=2048,
-                   help="longest length for the quadratic T2R form (its T x T matrices grow fast)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads. One by default: on a small machine shared with other jobs, threads "
-                        "that wait for each other make timings erratic, and one thread makes CPU time exact")
+    p.add_argument("--out", help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one: CPU time is then exactly the work, "
+                   "and threads waiting for each other on a shared machine make timings erratic)")
+    for name, default in SIZES.items():
+        kind = (lambda text: [int(x) for x in text.split(",") if x]) if isinstance(default, list) else type(default)
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=HELP.get(name, " "))
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.dim, args.heads, args.vocab, args.feature_dim = 2, 128, 4, 1000, 16
-        args.lengths, args.batches, args.seconds, args.gen_length = [64, 512], [1, 4], 0.3, 32
-        args.train_lengths, args.train_model_lengths, args.train_tokens = [128, 512], [128, 512], 1024
-        args.train_model_tokens = 1024
-        args.memory_lengths = [32, 128]
+        vars(args).update(QUICK)
     args.out = pathlib.Path(args.out or ("/tmp/t2r_bench_quick" if args.quick else "results"))
     args.only = set(args.only.split(","))
     return args
@@ -85,21 +66,17 @@ def main(argv=None):
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    started = time.time()
-    info = kit.machine()
+    started, info = time.time(), kit.machine()
+    shape = dict(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab, feature_dim=args.feature_dim)
     header = dict(command="python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
-                  machine=f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} with {args.threads} "
-                          f"thread(s)",
+                  machine=f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} with {args.threads} thread(s)",
                   load_start=kit.load_average(), warning=kit.busy_warning("these timings"),
                   date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
                   shape=f"{args.layers} layers x {args.dim} (heads {args.heads}, FFN {4 * args.dim}), "
                         f"vocab {args.vocab}, T2R feature size {args.feature_dim}, float32")
-    if header["warning"]:
-        log(header["warning"])
-    log(f"{header['machine']}, 1-minute load average {header['load_start']:.2f}\nmodels: {header['shape']}")
-    models = build_models(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab,
-                          feature_dim=args.feature_dim,
-                          max_positions=max(args.lengths + args.train_lengths + [args.gen_length]) + 64)
+    log(f"{header['warning'] or ''}\n{header['machine']}, 1-minute load average {header['load_start']:.2f}\n"
+        f"models: {header['shape']}".lstrip())
+    models = build_models(**shape, max_positions=max(args.lengths + args.train_lengths + [args.gen_length]) + 64)
     checks = run_checks(models, vocab=args.vocab)
     for what, diff, tol in checks:
         log(f"  check {'ok ' if diff <= tol else 'BAD'} {diff:.1e} (tol {tol:.0e})  {what}")
@@ -117,10 +94,8 @@ def main(argv=None):
         if "generate" in args.only:
             log("SequenceGenerator")
             generate = generation_rows({k: models[k] for k in ("softmax", "t2r")}, length=args.gen_length,
-                                       beams=args.beams, vocab=args.vocab, log=log)
-        profile = report.step_profile(models, max(args.lengths), args.batches, vocab=args.vocab)
-        report.write_decode(args.out, header, checks, decode, constant, generate, profile)
-        save_json(args.out / "bench_decode.json", header, decode=decode, constant=constant, generate=generate)
+                                       beams=args.beams, log=log)
+        report.write_decode(args.out, header, checks, decode, constant, generate)
     if "train" in args.only:
         log("training")
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, levels=("layer",),
@@ -129,17 +104,14 @@ def main(argv=None):
         train += train_rows(models, args.train_model_lengths, tokens=args.train_model_tokens, levels=("model",),
                             naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
-        save_json(args.out / "bench_train.json", header, train=train)
     if "memory" in args.only:
         log("generation memory (a fresh process per model and length)")
-        memory = memory_rows(args.memory_lengths, threads=args.threads, log=log,
-                             shape=dict(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab,
-                                        feature_dim=args.feature_dim))
+        memory = memory_rows(args.memory_lengths, threads=args.threads, shape=shape, log=log)
         report.write_memory(args.out, header, memory)
-        save_json(args.out / "generation_memory.json", header, memory=memory)
     log(f"done in {time.time() - started:.0f} s; results in {args.out}/")
-    if header["warning"] or kit.busy_warning("these timings"):
-        log(header["warning"] or kit.busy_warning("these timings"))
+    warning = header["warning"] or kit.busy_warning("these timings")
+    if warning:
+        log(warning)
     return time.time() - started
 
 

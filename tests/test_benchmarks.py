@@ -1,27 +1,80 @@
-"""The benchmark harness runs end to end (tiny sizes) and writes its reports; no timing is checked."""
+"""The benchmark harness runs end to end (tiny sizes) and writes its reports and the rows behind
+them; no timing is checked, only that every table has its rows and every number is sane."""
+import json
 import sys
 
 from helpers import ROOT, run
 
+QUICK_LENGTHS, QUICK_BATCHES, QUICK_MEMORY_LENGTHS = [64, 512], [1, 4], [32, 128]
 
-def test_quick_benchmark_writes_reports(tmp_path):
+
+def _table(markdown, head):
+    """The rows (lists of cells) of the markdown table whose header starts with `head`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            return rows
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_quick_benchmark_writes_every_table(tmp_path):
     proc = run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", tmp_path], cwd=ROOT)
-    decode = (tmp_path / "bench_decode.md").read_text()
-    train = (tmp_path / "bench_train.md").read_text()
-    memory = (tmp_path / "generation_memory.md").read_text()
+    assert "BAD" not in proc.stderr
+    md = {name: (tmp_path / f"{name}.md").read_text() for name in ("bench_decode", "bench_train", "generation_memory")}
+    data = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in md}
     assert (tmp_path / "bench_decode.png").stat().st_size > 0
-    for report in (decode, train):
-        assert "## Numerical checks" in report and "## Targets" in report, report[:2000]
-    assert "SequenceGenerator" in decode and "torch.profiler" in decode
-    assert "| layer" not in train and "## layer" in train and "## model" in train
-    assert "check ok" in proc.stderr and "BAD" not in proc.stderr
-    # --quick generates 32 and 128 tokens with each model, each in its own process; then one ratio row each.
-    rows = [line.split(" | ")[:2] for line in memory.splitlines() if line.startswith(("| softmax |", "| t2r |"))]
-    assert rows[:4] == [["| softmax", "32"], ["| softmax", "128"], ["| t2r", "32"], ["| t2r", "128"]], memory
-    assert [row[0] for row in rows[4:]] == ["| softmax", "| t2r"], memory
-    assert "## Target" in memory and "T2R peak RSS generating 128 tokens" in memory
-    for report in (decode, train, memory):
-        assert "1-minute load average at the start" in report, report[:500]
+    for name in md:
+        assert data[name]["header"]["load_start"] >= 0 and data[name]["header"]["load_end"] >= 0
+
+    # Numerical checks (math, every model, the T2R fast paths) ran before timing, all within tolerance.
+    for name in ("bench_decode", "bench_train"):
+        checks = _table(md[name], "| check |")
+        assert len(checks) == 8 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
+
+    decode = data["bench_decode"]
+    grid = [(b, n) for b in QUICK_BATCHES for n in QUICK_LENGTHS]
+    rows = {(r["length"], r["batch"], r["model"]): r for r in decode["decode"]}
+    assert len(decode["decode"]) == len(rows) == 3 * len(grid)
+    for b, n in grid:
+        for m in ("softmax", "t2r", "floor"):
+            assert rows[(n, b, m)]["step_s"] > 0 and rows[(n, b, m)]["wall_s"] > 0 and rows[(n, b, m)]["peak_bytes"] > 0
+        assert rows[(n, b, "floor")]["state_bytes"] == 0
+        # kv cache: 2 (k, v) x layers x batch x length x dim float32; T2R's state does not grow with L.
+        assert rows[(n, b, "softmax")]["state_bytes"] == 2 * 2 * b * n * 128 * 4
+        assert rows[(n, b, "t2r")]["state_bytes"] == rows[(QUICK_LENGTHS[0], b, "t2r")]["state_bytes"] > 0
+    assert [[int(c) for c in row[:2]] for row in _table(md["bench_decode"], "| batch | prefix L | softmax ms")] \
+        == [[b, n] for b, n in grid]
+    assert [[int(c) for c in row[:2]] for row in _table(md["bench_decode"], "| batch | prefix L | softmax kv")] \
+        == [[b, n] for b, n in grid]
+    assert sorted((r["batch"], r["length"]) for r in decode["constant"]) == grid
+    assert [int(row[0]) for row in _table(md["bench_decode"], "| batch | L=64 ms")] == QUICK_BATCHES
+    assert {(r["model"], r["beam"], r["length"]) for r in decode["generate"]} == {
+        (m, beam, 33) for m in ("softmax", "t2r") for beam in (1, 5)}  # 32 tokens and the final eos
+    assert [row[:2] for row in _table(md["bench_decode"], "| beam |")] == [["1", "33"], ["5", "33"]]
+    assert len(_table(md["bench_decode"], "| target |")) == 2 * len(QUICK_BATCHES) + 2
+
+    train = data["bench_train"]["train"]
+    assert {(r["level"], r["length"], r["form"]) for r in train} == {
+        (level, n, form) for level in ("layer", "model") for n in (128, 512) for form in ("softmax", "t2r", "t2r-naive")}
+    assert all(r["token_s"] > 0 and r["token_bytes"] > 0 for r in train)
+    for level in ("## layer", "## model"):
+        table = md["bench_train"].split(level, 1)[1]
+        assert [row[:2] for row in _table(table, "| length |")] == [["128", "8"], ["512", "2"]]
+    assert len(_table(md["bench_train"], "| target |")) == 4
+
+    # Generation memory: each model and length in its own process, then one ratio row per model.
+    memory = data["generation_memory"]["memory"]
+    assert [(r["model"], r["length"]) for r in memory] == [
+        (m, n) for m in ("softmax", "t2r") for n in QUICK_MEMORY_LENGTHS]
+    assert all(r["peak_bytes"] >= r["baseline_bytes"] > 0 and r["increment_bytes"] == r["peak_bytes"] -
+               r["baseline_bytes"] for r in memory)
+    assert [row[:2] for row in _table(md["generation_memory"], "| model | tokens generated")] == [
+        [m, str(n)] for m in ("softmax", "t2r") for n in QUICK_MEMORY_LENGTHS]
+    assert [row[0] for row in _table(md["generation_memory"], "| model | peak(")] == ["softmax", "t2r"]
+    assert len(_table(md["generation_memory"], "| target |")) == 1
 
     # The README's tables are built from the .json beside each report.
     sys.path.insert(0, str(ROOT))
@@ -29,6 +82,6 @@ def test_quick_benchmark_writes_reports(tmp_path):
 
     readme.use_results(tmp_path)
     table = readme.bench_decode()
-    assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| 1 |") or
-            line.startswith("| 4 |")] == [["| 1", "64"], ["| 1", "512"], ["| 4", "64"], ["| 4", "512"]], table
+    assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith(("| 1 |", "| 4 |"))] == [
+        ["| 1", str(n)] for n in QUICK_LENGTHS] + [["| 4", str(n)] for n in QUICK_LENGTHS], table
     assert "T2R " in readme.generation_memory() and "(1." in readme.generation_memory()
