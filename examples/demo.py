@@ -1,4 +1,4 @@
-"""`make demo`: swap-then-finetune on a laptop CPU in about ten minutes, no download.
+"""`make demo`: swap-then-finetune on CPU in a few minutes (the README has a measured run), no download.
 
     python -m examples.demo [--data DIR] [--out runs/demo] [size knobs, see --help]
 
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="directory of raw text: train.txt/valid.txt/test.txt or WikiText-style "
                                   "wiki.{train,valid,test}.tokens (default: Python's reference docs)")
     p.add_argument("--out", default="runs/demo", help="output directory (its demo outputs are overwritten)")
-    size = p.add_argument_group("sizes (defaults: about 4 minutes on 2 idle CPU cores)")
+    size = p.add_argument_group("sizes (defaults: a few minutes on 2 CPU cores; the README has a measured run)")
     size.add_argument("--vocab-size", type=int, default=2000, help="sentencepiece BPE vocabulary")
     size.add_argument("--layers", type=int, default=2)
     size.add_argument("--embed-dim", type=int, default=128, help="model width; FFN is 4x")
