@@ -1,6 +1,7 @@
 """Softmax -> T2R weight transfer: the library behind the tasks' --convert-from and `t2r-convert`.
 
-Every tensor with the same name and shape is reused unchanged; only the feature maps are new.
+Every tensor with the same name and shape is reused unchanged; only the feature maps (and a
+decay's gates) are new.
 Anything else that does not line up is an error naming the tensor, never silently dropped.
 """
 import copy
@@ -18,12 +19,18 @@ from .checkpoints import CheckpointError, checkpoint_arch
 from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
 from .options import set_t2r_defaults
 
-NEW_KEY_MARKER = ".feature_map."
+# What a softmax transformer does not have: the feature maps, and the decay of the state (decay.py).
+NEW_KEY_MARKERS = (".feature_map.", ".decay.")
+
+
+def is_new_tensor(name: str) -> bool:
+    """Whether a T2R model's tensor `name` is one that conversion initializes (not reused)."""
+    return any(marker in name for marker in NEW_KEY_MARKERS)
 
 
 def transfer_softmax_weights(model, source_state: Dict[str, torch.Tensor], source: str = "checkpoint") -> List[str]:
     """Load a softmax transformer's weights into a T2R `model`; returns the names of the new tensors."""
-    if any(NEW_KEY_MARKER in k for k in source_state):
+    if any(is_new_tensor(k) for k in source_state):
         raise CheckpointError(f"{source}: is already a T2R checkpoint (it has feature maps); --convert-from "
                               f"takes a softmax transformer checkpoint (use --finetune-from-model or "
                               f"--restore-file for a T2R one)")
@@ -42,7 +49,7 @@ def transfer_softmax_weights(model, source_state: Dict[str, torch.Tensor], sourc
                               f"architecture?): {', '.join(unexpected[:5])}"
                               + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
     missing = [k for k in target if k not in state]
-    not_new = [k for k in missing if NEW_KEY_MARKER not in k]
+    not_new = [k for k in missing if not is_new_tensor(k)]
     if not_new:
         raise CheckpointError(f"{source}: lacks tensors of the chosen architecture (fewer layers, or another "
                               f"architecture?): {', '.join(not_new[:5])}")
@@ -84,7 +91,8 @@ def build_t2r_twin(state: dict, source: str, overrides: Dict[str, Optional[objec
     architecture's default); returns (model, model_args)."""
     arch = checkpoint_arch(state)
     if arch in ARCH_MODEL_REGISTRY and issubclass(ARCH_MODEL_REGISTRY[arch], (T2RLanguageModel, T2RTransformerModel)):
-        raise CheckpointError(f"{source}: is already a T2R model ({arch}); nothing to convert")
+        raise CheckpointError(f"{source}: is already a T2R model ({arch}); nothing to convert: finetune it "
+                              f"with fairseq-train --finetune-from-model, or use it as it is")
     twin = twin_architecture_name(arch or "")
     if arch not in ARCH_MODEL_REGISTRY or twin not in ARCH_MODEL_REGISTRY:
         raise CheckpointError(f"{source}: cannot convert architecture {arch!r}; t2r_fairseq converts "
