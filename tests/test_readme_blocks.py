@@ -33,7 +33,7 @@ from helpers import BIN, MODEL, ROOT, TRAIN, write_parallel_corpus
 FENCE = re.compile(r"^( *)```([A-Za-z]*)\n(.*?)^\1```", flags=re.S | re.M)
 SHELL = ("bash", "sh", "shell")
 # Commands a README's untagged block would start with if it were a shell block.
-COMMAND = re.compile(r"(make|python|bash|echo|git|wget|spm_\w+|sacrebleu|fairseq-[\w-]+|t2r-[\w-]+|[A-Z_]+=)\b")
+COMMAND = re.compile(r"(make|python|bash|echo|git|wget|spm_\w+|sacrebleu|fairseq-[\w-]+|t2r-[\w-]+)\b|[A-Z_]+=")
 
 TINY_MT = ["--encoder-layers", 1, "--decoder-layers", 1, "--encoder-embed-dim", 32, "--decoder-embed-dim", 32,
            "--encoder-ffn-embed-dim", 64, "--decoder-ffn-embed-dim", 64, "--encoder-attention-heads", 2,
@@ -112,7 +112,8 @@ def test_every_command_block_is_tagged_bash():
     """Untagged blocks are skipped by the runs below: none of them may be commands."""
     for readme in READMES:
         for language, line, body in fenced_blocks(readme.read_text()):
-            first = body.lstrip().split("\n", 1)[0]
+            first = next((line.strip() for line in body.splitlines()
+                          if line.strip() and not line.strip().startswith("#")), "")
             assert language or not COMMAND.match(first), \
                 f"{readme.relative_to(ROOT)}:{line}: a command block without a language: tag it ```bash"
 
