@@ -16,6 +16,7 @@ import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
+from .decay import build_decay
 from .feature_maps import T2RFeatureMap, build_feature_map
 from .linear_attention import (DEFAULT_CHUNK_SIZE, packed_causal_linear_attention, packed_linear_attention_read,
                                packed_linear_attention_state, packed_linear_attention_step)
@@ -124,13 +125,17 @@ class T2RSelfAttention(_LinearAttention):
     fold_feature_map (T2R's map only, whose first layer is linear): phi(y) = relu(W y + b) is
     folded into q_proj and k_proj, and q, k and v come out of one matmul; False runs the textbook
     form (projections, then the feature map). Both compute the same function of the same parameters.
+
+    decay (decay.py): none, fixed, learned or gated decay of the state, g_t per head. A padded key
+    position leaves the state as it was: its features are zero and its gate is 1.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str = "t2r", feature_dim: int = 32,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, fold_feature_map: bool = True):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, fold_feature_map: bool = True, decay: str = "none"):
         super().__init__(embed_dim, num_heads, feature_map=feature_map, feature_dim=feature_dim)
         self.chunk_size = chunk_size
         self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap)
+        self.decay = build_decay(decay, num_heads, embed_dim)
 
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
@@ -138,54 +143,67 @@ class T2RSelfAttention(_LinearAttention):
                 before_softmax: bool = False, need_head_weights: bool = False) -> Tuple[Tensor, None]:
         """query: (time, batch, embed). Keys and values come from query, as in fairseq's
         self-attention (key and value are ignored); attn_mask is ignored: causal by construction."""
-        q, k, v1 = self._project(query, key_padding_mask, incremental_state)
+        q, k, v1, log_g = self._project(query, key_padding_mask, incremental_state)
         saved = self._saved_state(incremental_state)
         if incremental_state is not None and q.size(2) == 1:
-            out, state = packed_linear_attention_step(q, k, v1, saved, inplace=not torch.is_grad_enabled())
+            out, state = packed_linear_attention_step(q, k, v1, saved, log_g=log_g,
+                                                      inplace=not torch.is_grad_enabled())
         else:
-            out, state = packed_causal_linear_attention(q, k, v1, initial_state=saved, chunk_size=self.chunk_size)
+            out, state = packed_causal_linear_attention(q, k, v1, initial_state=saved, log_g=log_g,
+                                                        chunk_size=self.chunk_size)
         if incremental_state is not None and state is not saved:
             self._save_state(incremental_state, state)
         return self._merge(out), None
 
-    def _project(self, x: Tensor, key_padding_mask: Optional[Tensor],
-                 incremental_state: IncrementalState) -> Tuple[Tensor, Tensor, Tensor]:
-        """phi(q), phi(k): (batch, heads, time, features) and v1: (batch, heads, time, head_dim + 1),
-        from one matmul."""
-        weight, bias = self._projection(incremental_state)
-        qkv = nn.functional.linear(x, weight, bias)
+    def _project(self, x: Tensor, key_padding_mask: Optional[Tensor], incremental_state: IncrementalState
+                 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """phi(q), phi(k): (batch, heads, time, features), v1: (batch, heads, time, head_dim + 1) and
+        the log-gates (broadcasting to (batch, heads, time); None without decay), from one matmul."""
+        weights = self._weights(incremental_state)
+        qkv = nn.functional.linear(x, weights["weight"], weights["bias"])
         width = self.num_heads * self.feature_map.feature_dim if self.folded else self.embed_dim
         if self.folded:
             torch.relu_(qkv[..., :2 * width])  # the map's relu; its linear layer is in the weights
-        q, k, v1 = (self._heads(t) for t in qkv.split([width, width, qkv.size(-1) - 2 * width], dim=-1))
+        gate_width = self.num_heads if self.decay is not None and self.decay.from_input else 0
+        q, k, v1, gate_logits = qkv.split([width, width, qkv.size(-1) - 2 * width - gate_width, gate_width], dim=-1)
+        q, k, v1 = self._heads(q), self._heads(k), self._heads(v1)
         if not self.folded:
             q, k = self.feature_map(q), self.feature_map(k)
-        return q, self._drop_padding(k, key_padding_mask), v1
+        log_g = self.decay.log_gates(gate_logits) if gate_width else weights.get("log_g")
+        if log_g is not None and key_padding_mask is not None:
+            log_g = log_g.masked_fill(key_padding_mask.bool()[:, None, :], 0.0)  # gate 1: a pad decays nothing
+        return q, self._drop_padding(k, key_padding_mask), v1, log_g
 
-    def _projection(self, incremental_state: IncrementalState) -> Tuple[Tensor, Tensor]:
-        """(weight, bias) of the matmul x -> [q | k | v1], folded if self.folded.
+    def _weights(self, incremental_state: IncrementalState) -> Dict[str, Tensor]:
+        """What the forward pass derives from the parameters: (weight, bias) of the matmul
+        x -> [q | k | v1 | gate logits], folded if self.folded, and the per-head log-gates of a
+        fixed or learned decay.
 
-        With autograd on it is built on every call, so gradients reach every parameter as in the
-        textbook form. Without autograd, decoding builds it once per run and keeps it in that run's
-        incremental_state: weights cannot change in the middle of a generation, and a new
-        generation (a new incremental_state) builds from the current weights, so no cache can go
-        stale (fairseq's optimizers update .data, which no version counter sees)."""
+        With autograd on they are built on every call, so gradients reach every parameter as in
+        the textbook form. Without autograd, decoding builds them once per run and keeps them in
+        that run's incremental_state: weights cannot change in the middle of a generation, and a
+        new generation (a new incremental_state) builds from the current weights, so no cache can
+        go stale (fairseq's optimizers update .data, which no version counter sees)."""
         if incremental_state is None or torch.is_grad_enabled():
-            return self._projection_weights()
+            return self._build_weights()
         cached = self.get_incremental_state(incremental_state, "t2r_projection")
         if cached is None:
-            weight, bias = self._projection_weights()
-            cached = {"weight": weight, "bias": bias}
+            cached = self._build_weights()
             self.set_incremental_state(incremental_state, "t2r_projection", cached)
-        return cached["weight"], cached["bias"]
+        return cached
 
-    def _projection_weights(self) -> Tuple[Tensor, Tensor]:
+    def _build_weights(self) -> Dict[str, Tensor]:
         if self.folded:
             (wq, bq), (wk, bk) = self._fold(self.q_proj), self._fold(self.k_proj)
         else:
             (wq, bq), (wk, bk) = (self.q_proj.weight, self.q_proj.bias), (self.k_proj.weight, self.k_proj.bias)
-        wv, bv = self._value_weights()
-        return torch.cat([wq, wk, wv]), torch.cat([bq, bk, bv])
+        rows = [(wq, bq), (wk, bk), self._value_weights()]
+        if self.decay is not None and self.decay.from_input:
+            rows.append((self.decay.weight.to(wq.dtype), self.decay.bias.to(wq.dtype)))
+        weights = {"weight": torch.cat([w for w, _ in rows]), "bias": torch.cat([b for _, b in rows])}
+        if self.decay is not None and not self.decay.from_input:
+            weights["log_g"] = self.decay.log_gates()
+        return weights
 
     def _fold(self, proj: nn.Linear) -> Tuple[Tensor, Tensor]:
         """(weight, bias) of x -> W proj(x) + b per head: W (W_p x + b_p) + b = (W W_p) x + (W b_p + b).

@@ -4,9 +4,9 @@ LoLCATs). The teacher is the task's `--convert-from` checkpoint.
 
 Each T2R layer is fed the teacher's own input to that layer, so every layer learns to imitate
 softmax attention independently of how well the layers below it already do. With
-`--attention-transfer-only-updates N`, the first N updates train only the feature maps on the
-transfer term (the rest of the model stays exactly the teacher's); cross-entropy finetuning of
-everything follows.
+`--attention-transfer-only-updates N`, the first N updates train only the new tensors (feature
+maps, and the gates of --t2r-decay) on the transfer term (the rest of the model stays exactly the
+teacher's); cross-entropy finetuning of everything follows.
 """
 import math
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropy
 from .attention import T2RSelfAttention
 from .errors import T2RUsageError
 from .tasks import task_config
+from .transfer import is_new_tensor
 
 
 @dataclass
@@ -27,7 +28,8 @@ class AttentionTransferConfig(CrossEntropyCriterionConfig):
     attention_transfer_weight: float = field(
         default=1.0, metadata={"help": "weight of the attention-transfer (MSE) term added to cross-entropy"})
     attention_transfer_only_updates: int = field(
-        default=0, metadata={"help": "first N updates train only the feature maps, on the transfer term alone"})
+        default=0, metadata={"help": "first N updates train only the new tensors (feature maps, decay gates), on "
+                                      "the transfer term alone"})
 
 
 def _unwrap(layer):
@@ -100,7 +102,7 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         transfer_only = model.training and updates < self.only_updates
         if model.training:
             for name, p in model.named_parameters():
-                p.requires_grad_(not transfer_only or ".feature_map." in name)
+                p.requires_grad_(not transfer_only or is_new_tensor(name))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not transfer_only):
             nll = self._task_loss(model, sample, reduce)
         transfer = self._transfer_loss(model, sample) if model.training else nll.new_zeros(())

@@ -11,6 +11,7 @@ from typing import FrozenSet
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 
+from .decay import DECAYS
 from .errors import T2RUsageError
 from .feature_maps import FEATURE_MAPS
 
@@ -34,6 +35,11 @@ class T2RConfig(FairseqDataclass):
     t2r_cross_attention: ChoiceEnum(CROSS_ATTENTION) = field(
         default="t2r", metadata={"help": "encoder-decoder attention of translation models: t2r (the "
                                          "paper's) or keep softmax"})
+    t2r_decay: ChoiceEnum(DECAYS) = field(
+        default="none", metadata={"help": "decay of the T2R self-attention state, S_t = g S_{t-1} + k_t v_t^T: "
+                                          "none (the paper's), fixed (a constant per head, RetNet's), learned "
+                                          "(one trainable g per head) or gated (g_t from each position's "
+                                          "input, as GLA); learned and gated start close to 1"})
 
 
 # Every T2R flag's default, by field name (FairseqDataclass's own `_name` is not a flag).
@@ -53,6 +59,7 @@ class T2ROptions:
     chunk_size: int
     softmax_layers: FrozenSet[int]  # decoder layers that keep softmax self-attention
     cross_attention: str
+    decay: str  # of the T2R self-attention state
 
 
 class T2ROptionError(T2RUsageError):
@@ -87,11 +94,22 @@ def _softmax_layers(args) -> FrozenSet[int]:
     return indices
 
 
+def _decay(args, softmax_layers: FrozenSet[int]) -> str:
+    decay = _choice(args, "t2r_decay", DECAYS)
+    if decay != "none" and len(softmax_layers) == args.decoder_layers:
+        raise T2ROptionError(f"--t2r-decay {decay} decays the state of T2R self-attention, and every decoder layer "
+                             f"keeps softmax self-attention (--t2r-softmax-layers); cross-attention has no time "
+                             f"order to decay over: drop --t2r-decay or a layer from --t2r-softmax-layers")
+    return decay
+
+
 def t2r_options(args) -> T2ROptions:
     """The checked T2R options of model args (argparse Namespace or fairseq config; missing
     options take T2RConfig's defaults). Raises T2ROptionError naming the flag."""
+    softmax_layers = _softmax_layers(args)
     return T2ROptions(feature_map=_choice(args, "t2r_feature_map", FEATURE_MAPS),
                       feature_dim=_positive_int(args, "t2r_feature_dim"),
                       chunk_size=_positive_int(args, "t2r_chunk_size"),
-                      softmax_layers=_softmax_layers(args),
-                      cross_attention=_choice(args, "t2r_cross_attention", CROSS_ATTENTION))
+                      softmax_layers=softmax_layers,
+                      cross_attention=_choice(args, "t2r_cross_attention", CROSS_ATTENTION),
+                      decay=_decay(args, softmax_layers))
