@@ -128,16 +128,18 @@ def test_reorder_equals_the_permuted_batch(role):
     torch.testing.assert_close(continued, reference, rtol=1e-10, atol=1e-10)
 
 
+def outputs_and_gradients(module, x):
+    """[output, d loss/d x, d loss/d each parameter] for a loss that weighs every output differently."""
+    xi = x.clone().requires_grad_()
+    out, _ = module(xi, xi, xi)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out.detach(), xi.grad] + [p.grad for p in module.parameters()]
+
+
 def test_training_forward_and_gradients_equal():
     folded, plain = _pair()
     x = _x()
-    grads = []
-    for module in (folded, plain):
-        xi = x.clone().requires_grad_()
-        out, _ = module(xi, xi, xi)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        grads.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(outputs_and_gradients(folded, x), outputs_and_gradients(plain, x)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 

@@ -12,16 +12,11 @@ from helpers import MODEL, TINY_LM, TINY_LM_SOFTMAX, TRAIN, USER_DIR, build_mode
 from t2r_fairseq import linear_attention as la
 from t2r_fairseq.attention import T2RSelfAttention
 from t2r_fairseq.decay import DECAYS
+from test_attention import _decode, outputs_and_gradients
+from test_linear_attention import _inputs, _state
+from test_models import _incremental, _log_probs, _tokens
 
 DECAYING = [d for d in DECAYS if d != "none"]
-
-
-def _inputs(batch, heads, time, feat, dim, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(batch, heads, time, feat, generator=g, dtype=dtype)
-    k = torch.rand(batch, heads, time, feat, generator=g, dtype=dtype)
-    v = torch.randn(batch, heads, time, dim, generator=g, dtype=dtype)
-    return q, k, v
 
 
 def _log_gates(batch, heads, time, kind, seed=2, dtype=torch.float64):
@@ -30,12 +25,6 @@ def _log_gates(batch, heads, time, kind, seed=2, dtype=torch.float64):
     if kind == "position":
         return -3 * torch.rand(batch, heads, time, generator=g, dtype=dtype)
     return -torch.rand(1, heads, 1, generator=g, dtype=dtype)
-
-
-def _state(batch, heads, feat, dim, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, heads, feat, dim, generator=g, dtype=torch.float64),
-            torch.rand(batch, heads, feat, generator=g, dtype=torch.float64) * 5)
 
 
 # -- the math ----------------------------------------------------------------------------------------
@@ -227,24 +216,11 @@ def test_module_is_the_textbook_form(decay, fold):
 def test_folded_and_plain_agree_in_values_and_gradients(decay):
     folded, plain = _attention(decay, fold=True), _attention(decay, fold=False)
     x = _x()
-    grads = []
-    for module in (folded, plain):
-        xi = x.clone().requires_grad_()
-        out, _ = module(xi, xi, xi)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        grads.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()])
-    decay_grads = [p.grad for name, p in folded.named_parameters() if name.startswith("decay.")]
-    assert all(g is not None and g.abs().sum() > 0 for g in decay_grads)  # the gates learn
-    for a, b in zip(*grads):
+    for a, b in zip(outputs_and_gradients(folded, x), outputs_and_gradients(plain, x)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-
-
-def _decode(module, x, prefix, state=None):
-    """Prefix in one call, then one call per position, as generation with a prompt does."""
-    state = {} if state is None else state
-    steps = [module(x[:prefix], x[:prefix], x[:prefix], incremental_state=state)[0]] if prefix else []
-    steps += [module(x[t:t + 1], x[t:t + 1], x[t:t + 1], incremental_state=state)[0] for t in range(prefix, len(x))]
-    return torch.cat(steps)
+    decay_grads = [p.grad for name, p in folded.named_parameters() if name.startswith("decay.")]
+    assert len(decay_grads) == {"fixed": 0, "learned": 1, "gated": 2}[decay]
+    assert all(g is not None and g.abs().sum() > 0 for g in decay_grads)  # the gates learn
 
 
 @pytest.mark.parametrize("decay", DECAYING)
@@ -347,25 +323,11 @@ def _model(decay, extra=()):
     return model
 
 
-def _log_probs(model, tokens, **kwargs):
-    return model.get_normalized_probs(model.decoder(tokens, **kwargs), log_probs=True)
-
-
-def _incremental(model, tokens, state=None, start=0):
-    state = {} if state is None else state
-    steps = [_log_probs(model, tokens[:, :t + 1], incremental_state=state) for t in range(start, tokens.size(1))]
-    return torch.cat(steps, dim=1), state
-
-
-def _tokens(batch, time, seed=0):
-    return torch.randint(4, 60, (batch, time), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("decay", DECAYS)
 def test_decoder_decodes_token_by_token_as_its_full_forward(decay):
     model = _model(decay)
     assert all(layer.self_attn.decay is None for layer in model.decoder.layers) == (decay == "none")
-    tokens = _tokens(3, 70)  # crosses a chunk boundary (64)
+    tokens = _tokens(3, 70, 60)  # crosses a chunk boundary (64)
     with torch.no_grad():
         full = _log_probs(model, tokens)
         steps, _ = _incremental(model, tokens)
@@ -375,7 +337,7 @@ def test_decoder_decodes_token_by_token_as_its_full_forward(decay):
 def test_hybrid_decoder_with_decay_decodes_as_its_full_forward():
     model = _model("gated", ["--t2r-softmax-layers", "1"])
     assert model.decoder.layers[1].self_attn.__class__.__name__ == "MultiheadAttention"
-    tokens = _tokens(2, 30)
+    tokens = _tokens(2, 30, 60)
     with torch.no_grad():
         torch.testing.assert_close(_incremental(model, tokens)[0], _log_probs(model, tokens), rtol=1e-4, atol=1e-4)
 
@@ -383,7 +345,7 @@ def test_hybrid_decoder_with_decay_decodes_as_its_full_forward():
 @pytest.mark.parametrize("decay", DECAYING)
 def test_decoder_reorder_equals_decoding_the_permuted_batch(decay):
     model = _model(decay)
-    tokens = _tokens(4, 12, seed=1)
+    tokens = _tokens(4, 12, 60, seed=1)
     order = torch.tensor([2, 0, 3, 3])
     with torch.no_grad():
         _, state = _incremental(model, tokens[:, :6])
