@@ -1,7 +1,9 @@
 """Shared test helpers: tiny models, a tiny corpus, and running the CLIs as a user would."""
+import json
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -50,8 +52,12 @@ TINY_LM_SOFTMAX = ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-
 TINY_WIKI103_SOFTMAX = TINY_LM_SOFTMAX + ["--decoder-input-dim", 32, "--decoder-output-dim", 32,
                                           "--adaptive-input-cutoff", "20,40", "--adaptive-softmax-cutoff", "20,40",
                                           "--adaptive-softmax-dropout", 0]
+TINY_MT_SOFTMAX = ["--encoder-layers", 2, "--decoder-layers", 2, "--encoder-embed-dim", 32,
+                   "--decoder-embed-dim", 32, "--encoder-ffn-embed-dim", 64, "--decoder-ffn-embed-dim", 64,
+                   "--encoder-attention-heads", 4, "--decoder-attention-heads", 4, "--dropout", 0]
 TINY_LM = TINY_LM_SOFTMAX + ["--t2r-feature-dim", 8]
 TINY_WIKI103 = TINY_WIKI103_SOFTMAX + ["--t2r-feature-dim", 8]
+TINY_MT = TINY_MT_SOFTMAX + ["--t2r-feature-dim", 8]
 
 
 # The CLI tests' model: transformer_lm_wiki103-shaped (adaptive input and softmax), tiny.
@@ -109,6 +115,44 @@ def run(cmd, cwd=None, check=True, env=None, input=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def rerun_keeps_recorded_rows(cmd, results, work):
+    """A recipe's command run again resumes: its recorded rows stay as they were (the "setup" row
+    aside, which says how it last ran) and no checkpoint under `work` is written again."""
+    def state():
+        rows = {name: row for name, row in json.loads(pathlib.Path(results).read_text()).items() if name != "setup"}
+        return rows, {str(p): p.stat().st_mtime_ns for p in pathlib.Path(work).glob("**/checkpoint*.pt")}
+
+    before = state()
+    assert before[0] and before[1], before
+    run(cmd)
+    assert state() == before
+
+
+def conversion_log(log):
+    """(tensors reused, names of the new tensors) from the line fairseq-train logs when
+    --convert-from converts a softmax checkpoint; None when nothing was converted."""
+    found = re.findall(r"converted .*: reused (\d+) tensors, (\d+) new: (.*)$", log, flags=re.M)
+    if not found:
+        return None
+    assert len(found) == 1, found
+    reused, count, names = found[0]
+    return int(reused), _counted_names(count, names)
+
+
+def converter_log(output):
+    """Names of the new tensors t2r-convert logged, checked against the count it logged beside them."""
+    found = re.findall(r"wrote .*: (\d+) new tensors \((.*)\)$", output, flags=re.M)
+    assert len(found) == 1, output[-3000:]
+    return _counted_names(*found[0])
+
+
+def _counted_names(count, names):
+    """The names of a logged "N new: a, b, ..." list, checked to be N."""
+    names = set(names.split(", "))
+    assert len(names) == int(count), names
+    return names
 
 
 def save_checkpoint(path, model, model_cfg, task="language_modeling"):

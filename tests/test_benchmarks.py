@@ -57,8 +57,9 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     assert len(_table(md["bench_decode"], "| target |")) == 2 * len(QUICK_BATCHES) + 2
 
     train = data["bench_train"]["train"]
-    assert {(r["level"], r["length"], r["form"]) for r in train} == {
-        (level, n, form) for level in ("layer", "model") for n in (128, 512) for form in ("softmax", "t2r", "t2r-naive")}
+    assert {(r["level"], r["length"], r["form"]) for r in train} == {(level, n, form) for level in ("layer", "model")
+                                                                      for n in (128, 512)
+                                                                      for form in ("softmax", "t2r", "t2r-naive")}
     assert all(r["token_s"] > 0 and r["token_bytes"] > 0 for r in train)
     for level in ("## layer", "## model"):
         table = md["bench_train"].split(level, 1)[1]

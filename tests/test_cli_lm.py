@@ -3,10 +3,12 @@ checkpoint (small dims, adaptive input/softmax) converts, finetunes under fairse
 and is scored by fairseq-eval-lm; the offline converter's output loads under fairseq too."""
 import re
 
-import pytest
 import torch
 
-from helpers import MODEL, TRAIN, USER_DIR, run
+from helpers import MODEL, TRAIN, USER_DIR, conversion_log, converter_log, run
+
+NEW = {f"decoder.layers.{i}.self_attn.feature_map.{p}" for i in range(2) for p in ("weight", "bias")}
+
 
 def _perplexity(output: str) -> float:
     found = re.findall(r"Perplexity: ([0-9.]+)", output)
@@ -22,14 +24,15 @@ def _finetune(root, save_dir, updates, extra=()):
 
 def test_convert_finetune_eval(lm_workdir):
     out = _finetune(lm_workdir, lm_workdir / "t2r", 10)
-    log = out.stdout + out.stderr
-    assert "converted" in log and "feature_map.weight" in log, log[-3000:]
     ppl = _perplexity(run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path",
                            lm_workdir / "t2r/checkpoint_last.pt", "--tokens-per-sample", 64, "--cpu"]).stderr)
     assert 1.0 < ppl < 1e5
-    # The finetuned checkpoint is a T2R model: its layers have feature maps, the teacher's do not.
-    state = torch.load(lm_workdir / "t2r/checkpoint_last.pt", weights_only=False)
-    assert "decoder.layers.0.self_attn.feature_map.weight" in state["model"]
+    # The finetuned checkpoint is a T2R model: the teacher's tensors, and the feature maps that the
+    # conversion logged as its only new ones.
+    state = torch.load(lm_workdir / "t2r/checkpoint_last.pt", weights_only=False)["model"]
+    teacher = torch.load(lm_workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
+    reused, new = conversion_log(out.stdout + out.stderr)
+    assert new == NEW == set(state) - set(teacher) and reused + len(new) == len(state)
 
 
 def test_converted_model_starts_from_teacher_weights(lm_workdir):
@@ -46,19 +49,17 @@ def test_resume_skips_conversion_and_continues(lm_workdir):
     save = lm_workdir / "resume"
     _finetune(lm_workdir, save, 5)
     second = _finetune(lm_workdir, save, 10)
-    log = second.stdout + second.stderr
-    assert "skipping --convert-from" in log and "converted " not in log
-    assert "num_updates 10" in log
+    assert conversion_log(second.stdout + second.stderr) is None
+    state = torch.load(save / "checkpoint_last.pt", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 10
 
 
 def test_offline_converter_then_eval_and_finetune(lm_workdir):
     out_path = lm_workdir / "offline/t2r.pt"
     result = run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", out_path])
-    assert "new tensors" in result.stderr + result.stdout
     teacher = torch.load(lm_workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
     converted = torch.load(out_path)["model"]  # safe loading: the plugin writes only plain types
-    assert set(converted) - set(teacher) == {f"decoder.layers.{i}.self_attn.feature_map.{p}"
-                                             for i in range(2) for p in ("weight", "bias")}
+    assert converter_log(result.stderr + result.stdout) == set(converted) - set(teacher) == NEW
     for name, value in teacher.items():
         torch.testing.assert_close(converted[name], value, rtol=0, atol=0)
     ppl = _perplexity(run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", out_path,

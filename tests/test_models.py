@@ -1,9 +1,11 @@
-"""Whole fairseq decoders: token-by-token decoding with incremental_state equals the full forward,
-and beam-search reordering of the state equals decoding the permuted batch."""
+"""Whole fairseq models (t2r_fairseq/models.py): token-by-token decoding with incremental_state
+equals the full forward, and beam-search reordering of the state equals decoding the permuted
+batch; for the language models and for the encoder-decoder t2r_transformer (sources padded on the
+left, as fairseq pads them; T2R and softmax cross-attention)."""
 import pytest
 import torch
 
-from helpers import TINY_LM, TINY_WIKI103, build_model
+from helpers import TINY_LM, TINY_MT, TINY_WIKI103, build_model
 
 
 def _tokens(batch, time, vocab, seed=0):
@@ -16,9 +18,11 @@ def _log_probs(model, tokens, **kwargs):
     return model.get_normalized_probs(out, log_probs=True)
 
 
-def _incremental(model, tokens, state=None, start=0):
+def _incremental(model, tokens, state=None, start=0, **kwargs):
+    """Log-probs of tokens[:, start:] decoded one token at a time (kwargs: encoder_out), and the state."""
     state = {} if state is None else state
-    steps = [_log_probs(model, tokens[:, :t + 1], incremental_state=state) for t in range(start, tokens.size(1))]
+    steps = [_log_probs(model, tokens[:, :t + 1], incremental_state=state, **kwargs)
+             for t in range(start, tokens.size(1))]
     return torch.cat(steps, dim=1), state
 
 
@@ -111,3 +115,109 @@ def test_twin_keeps_base_defaults_and_adds_t2r_defaults():
     _, args = build_model("t2r_lm_wiki103", TINY_WIKI103)
     assert args.adaptive_input and args.tie_adaptive_weights and args.t2r_feature_map == "t2r"
     assert args.t2r_feature_dim == 8
+
+
+# -- the encoder-decoder model (t2r_transformer) --------------------------------------------------
+MT_CASES = {
+    "t2r": TINY_MT,
+    "softmax_cross": TINY_MT + ["--t2r-cross-attention", "softmax"],
+    "elu": TINY_MT + ["--t2r-feature-map", "elu"],
+    "hybrid": TINY_MT + ["--t2r-softmax-layers", "0"],
+}
+
+
+def _mt_model(case):
+    return build_model("t2r_transformer", MT_CASES[case], task="translation")[0]
+
+
+def _left_padded_sources(lengths, pad, eos, vocab=60, seed=0):
+    """(batch, max_len) source tokens, each row padded on the left and ending in eos, as
+    fairseq's LanguagePairDataset collates them (left_pad_source=True)."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), pad)
+    for i, n in enumerate(lengths):
+        src[i, -n:] = torch.randint(4, vocab, (n,), generator=g)
+        src[i, -1] = eos
+    return src, torch.tensor(lengths)
+
+
+def _targets(batch, time, eos, seed=1):
+    tgt = _tokens(batch, time, 60, seed)
+    tgt[:, 0] = eos  # prev_output_tokens start with eos, as in fairseq
+    return tgt
+
+
+@pytest.mark.parametrize("case", MT_CASES)
+def test_translation_incremental_decoding_equals_full_forward_with_left_padded_sources(case):
+    model = _mt_model(case)
+    d = model.decoder.dictionary
+    src, lengths = _left_padded_sources([9, 5, 1, 7], d.pad(), d.eos())
+    tgt = _targets(4, 70, d.eos())  # crosses a chunk boundary (64) of the parallel form
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        full = _log_probs(model, tgt, encoder_out=enc)
+        steps, _ = _incremental(model, tgt, encoder_out=enc)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", MT_CASES)
+def test_translation_sentence_in_padded_batch_equals_sentence_alone(case):
+    """Source padding must not leak into cross-attention: what fairseq-generate's batch-size
+    invariance rests on."""
+    model = _mt_model(case)
+    d = model.decoder.dictionary
+    lengths = [9, 5, 1, 7]
+    src, lens = _left_padded_sources(lengths, d.pad(), d.eos())
+    tgt = _targets(4, 12, d.eos())
+    with torch.no_grad():
+        batch = _incremental(model, tgt, encoder_out=model.encoder(src, src_lengths=lens))[0]
+        for i, n in enumerate(lengths):
+            enc = model.encoder(src[i:i + 1, -n:], src_lengths=lens[i:i + 1])
+            torch.testing.assert_close(batch[i:i + 1], _incremental(model, tgt[i:i + 1], encoder_out=enc)[0],
+                                       rtol=1e-4, atol=1e-4)
+
+
+# Beam search (2 sentences x beam 3, rows grouped by sentence) reorders rows within a sentence,
+# duplicating some, and drops the rows of finished sentences. fairseq's softmax cross-attention
+# relies on that (its cached source keys are left alone when the batch size is unchanged); T2R's
+# cross-attention state is reordered like any other, so any order works for it.
+ORDERS = {"beam": [1, 1, 0, 5, 3, 3], "finished": [4, 4, 5], "any": [2, 0, 5, 5, 1, 3]}
+
+
+@pytest.mark.parametrize("case,order", [(c, o) for c in ("t2r", "softmax_cross", "hybrid") for o in ORDERS
+                                        if o != "any" or c != "softmax_cross"])
+def test_translation_reorder_equals_decoding_permuted_batch(case, order):
+    model = _mt_model(case)
+    d = model.decoder.dictionary
+    src, lengths = _left_padded_sources([6, 9], d.pad(), d.eos(), seed=2)
+    rows = torch.arange(2).repeat_interleave(3)  # sentence of each of the 6 hypotheses
+    tgt = _targets(6, 12, d.eos(), seed=3)
+    order = torch.tensor(ORDERS[order])
+    with torch.no_grad():
+        enc = model.encoder.reorder_encoder_out(model.encoder(src, src_lengths=lengths), rows)
+        _, state = _incremental(model, tgt[:, :6], encoder_out=enc)
+        # What fairseq's SequenceGenerator does between steps: reorder the decoder state and the
+        # encoder output alike.
+        model.decoder.reorder_incremental_state_scripting(state, order)
+        continued, _ = _incremental(model, tgt[order], state=state, start=6,
+                                    encoder_out=model.encoder.reorder_encoder_out(enc, order))
+        reference = _log_probs(model, tgt[order], encoder_out=model.encoder(
+            src[rows[order]], src_lengths=lengths[rows[order]]))[:, 6:]
+    torch.testing.assert_close(continued, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_translation_cross_attention_state_is_computed_once_per_sentence():
+    """The cross-attention state over the source is cached at the first step: later steps must
+    not depend on the encoder output any more (it is the RNN's constant-size memory)."""
+    model = _mt_model("t2r")
+    d = model.decoder.dictionary
+    src, lengths = _left_padded_sources([6, 4], d.pad(), d.eos())
+    tgt = _targets(2, 5, d.eos())
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        reference, _ = _incremental(model, tgt, encoder_out=enc)
+        state = {}
+        _log_probs(model, tgt[:, :1], encoder_out=enc, incremental_state=state)
+        garbage = {**enc, "encoder_out": [torch.randn_like(enc["encoder_out"][0])]}
+        rest, _ = _incremental(model, tgt, state=state, start=1, encoder_out=garbage)
+    torch.testing.assert_close(rest, reference[:, 1:], rtol=1e-4, atol=1e-4)
