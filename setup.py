@@ -22,6 +22,5 @@ setup(
         "test": ["pytest", "hypothesis"],
         "demo": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["t2r-convert=t2r_fairseq.convert:main",
-                                      "t2r-eval-stream=t2r_fairseq.score_stream:main"]},
+    entry_points={"console_scripts": ["t2r-convert=t2r_fairseq.convert:main"]},
 )

@@ -10,4 +10,4 @@ from .errors import report_usage_errors_in_one_line
 allow_fairseq_checkpoints()
 report_usage_errors_in_one_line()
 
-from . import criterions, models, tasks  # noqa: E402,F401  (registration side effects)
+from . import criterions, models, streams, tasks  # noqa: E402,F401  (registration side effects)

@@ -15,7 +15,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerL
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
-from .attention import T2RCrossAttention, T2RSelfAttention
+from .attention import T2RCrossAttention, T2RSelfAttention, prefill
 from .errors import T2RUsageError
 from .options import T2RConfig, T2ROptions, set_t2r_defaults, t2r_options
 
@@ -98,11 +98,41 @@ class T2RLanguageModelConfig(TransformerLanguageModelConfig, T2RConfig):
 
 @register_model("t2r_lm", dataclass=T2RLanguageModelConfig)
 class T2RLanguageModel(TransformerLanguageModel):
-    """A transformer_lm whose self-attention is T2R: an RNN at generation time."""
+    """A transformer_lm whose self-attention is T2R: an RNN at generation time.
+
+    Built by the stream task (streams.py), it reads its batches as consecutive blocks of the same
+    streams: each forward continues from the recurrent state the previous one left, detached, as
+    fairseq's transformer_xl continues from its `_mems`."""
+
+    # {training?: incremental state carried to the next batch}, or None: independent batches.
+    _streams = None
 
     @classmethod
     def build_model(cls, args, task):
         return _replace_decoder(super().build_model(args, task), args, no_encoder_attn=True)
+
+    def read_streams(self):
+        self._streams = {}
+
+    def reset_streams(self, training: bool):
+        if self._streams is not None:
+            self._streams.pop(training, None)
+
+    def forward(self, src_tokens, **kwargs):
+        if self._streams is None or kwargs.get("incremental_state") is not None:
+            return super().forward(src_tokens, **kwargs)
+        state = self._streams.get(self.training)
+        if state is None or _rows(state) != src_tokens.size(0):
+            state = {}  # a new epoch, a validation, or another batch shape: the streams start over
+        out = prefill(self.decoder, src_tokens, state, **kwargs)
+        # Gradients stay inside a batch: the next one starts from the values alone.
+        self._streams[self.training] = {key: {name: t.detach() for name, t in buffer.items()}
+                                        for key, buffer in state.items()}
+        return out
+
+
+def _rows(state) -> int:
+    return next(t.size(0) for buffer in state.values() for t in buffer.values() if t.dim() == 4)
 
 
 @register_model("t2r_transformer")

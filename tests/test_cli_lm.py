@@ -112,22 +112,3 @@ def test_attention_transfer_logs_loss_as_the_sum_of_its_terms(lm_workdir):
     assert len(lines) == 3, (out.stdout + out.stderr)[-3000:]
     for loss, nll, transfer in ((float(x) for x in line) for line in lines):
         assert transfer > 0.01 and abs(loss - (nll + transfer)) <= 0.0015, (loss, nll, transfer)
-
-
-def test_stream_scoring_cli_scores_every_token_and_refuses_softmax(lm_workdir):
-    converted = lm_workdir / "stream/t2r.pt"
-    run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", converted])
-    stream = run(["t2r-eval-stream", lm_workdir / "bin", "--path", converted, "--gen-subset", "valid",
-                  "--block", 32, "--streams", 3, "--cpu"])
-    windowed = run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", converted,
-                    "--gen-subset", "valid", "--tokens-per-sample", 64, "--context-window", 32,
-                    "--required-batch-size-multiple", 1, "--cpu"])
-    scored = int(re.search(r"scored (\d+) tokens", stream.stderr).group(1))
-    evaluated = int(re.search(r"Evaluated ([0-9,]+) tokens", windowed.stderr).group(1).replace(",", ""))
-    assert scored == evaluated  # the same tokens, each scored once
-    assert 1.0 < _perplexity(stream.stderr) < 1e5
-
-    refused = run(["t2r-eval-stream", lm_workdir / "bin", "--path", lm_workdir / "softmax/checkpoint_last.pt",
-                   "--cpu"], check=False)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "every decoder layer to be T2R" in refused.stderr, refused.stderr[-2000:]

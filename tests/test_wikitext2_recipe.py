@@ -27,9 +27,9 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
         assert row["updates"] == updates and 1.0 < row["valid_ppl"] < 1e4 and 1.0 < row["test_ppl"] < 1e4, row
     assert recorded["t2r_pretrain"]["init"] == "teacher" and recorded["t2r_pretrain"]["feature_map"] == "t2r"
     assert recorded["teacher_continued"]["init"] == "teacher" and "feature_map" not in recorded["teacher_continued"]
-    # Stream scoring needs every layer recurrent: the hybrid has none.
-    assert 1.0 < recorded["t2r_pretrain"]["test_ppl_stream"] < 1e4
-    assert "test_ppl_stream" not in recorded["hybrid_50"]
+    # Carried-state scoring needs every layer recurrent: the hybrid has none.
+    assert 1.0 < recorded["t2r_pretrain"]["test_ppl_carried"] < 1e4
+    assert "test_ppl_carried" not in recorded["hybrid_50"]
     assert "--teacher-updates 8" in recorded["setup"]["commands"]
     rerun_keeps_recorded_rows(cmd, results, tmp_path / "work")
 

@@ -67,7 +67,7 @@ def run_or_exit(cmd, log_path) -> str:
 
 
 def perplexity(text: str) -> float:
-    """The last "Perplexity: X" that fairseq-eval-lm (and t2r-eval-stream) printed; inf and nan
+    """The last "Perplexity: X" that fairseq-eval-lm printed; inf and nan
     included, since a diverged model prints them."""
     found = re.findall(r"Perplexity: ([0-9.]+|inf|nan)", text)
     if not found:

@@ -76,7 +76,7 @@ def bench_decode():
              f"incremental decoding, CPU time of one thread.", "",
              "| batch | prefix | softmax (kv cache) | T2R | floor (no attention) | softmax / T2R | T2R / floor | "
              "kv cache vs T2R state |", "|---|---|---|---|---|---|---|---|"]
-    for batch, length, _ in sorted({k for k in t if k[2] == "t2r"}):
+    for batch, length in sorted({(b, n) for n, b, _ in t}):
         s, r, f = (t[(length, batch, m)] for m in ("softmax", "t2r", "floor"))
         lines.append(f"| {batch} | {length} | {s['step_s'] * 1e3:.1f} ms | {r['step_s'] * 1e3:.1f} ms | "
                      f"{f['step_s'] * 1e3:.1f} ms | {s['step_s'] / r['step_s']:.1f}x | {r['step_s'] / f['step_s']:.2f} | "

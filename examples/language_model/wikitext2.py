@@ -71,10 +71,12 @@ def evaluate(bin_dir, checkpoint, tokens_per_sample, subset, log_path):
     return kit.perplexity(text)
 
 
-def evaluate_stream(bin_dir, checkpoint, log_path):
-    """Test perplexity with the recurrent state carried across blocks (t2r-eval-stream): every
-    token sees its whole history, versus the 128-token window of `evaluate`."""
-    text = kit.run_or_exit(["t2r-eval-stream", bin_dir, "--path", checkpoint, "--gen-subset", "test", "--cpu"], log_path)
+def evaluate_carried(bin_dir, checkpoint, tokens_per_sample, log_path):
+    """Test perplexity with every token seeing its whole history: fairseq-eval-lm with the stream
+    task, the recurrent state carried from block to block (versus the 128-token window of `evaluate`)."""
+    text = kit.run_or_exit(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint,
+                            "--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", str(tokens_per_sample),
+                            "--batch-size", "8", "--gen-subset", "test", "--cpu"], log_path)
     return kit.perplexity(text)
 
 
@@ -196,11 +198,11 @@ def main(argv=None):
     for name, (extra, _, _) in rows.items():
         results = store.load()
         recurrent = "t2r_language_modeling" in extra and "--t2r-softmax-layers" not in extra
-        if name in wanted and recurrent and name in results and "test_ppl_stream" not in results[name]:
+        if name in wanted and recurrent and name in results and "test_ppl_carried" not in results[name]:
             checkpoint = pathlib.Path(adopted.get(name, args.work / name / "checkpoint_last.pt"))
-            ppl = round(evaluate_stream(bin_dir, checkpoint, args.work / f"logs/{name}.eval_stream.log"), 2)
+            ppl = round(evaluate_carried(bin_dir, checkpoint, tps, args.work / f"logs/{name}.eval_carried.log"), 2)
             log(f"{name}: test perplexity {ppl} with the state carried across the whole split")
-            store.update(name, test_ppl_stream=ppl)
+            store.update(name, test_ppl_carried=ppl)
     log(f"results in {args.results}")
 
 

@@ -1,0 +1,116 @@
+"""`t2r_truncated_bptt_lm`: a T2R language model reads text as long streams, its recurrent state
+carried from one batch to the next (truncated backpropagation through time), in training and in
+scoring with fairseq-eval-lm.
+
+It is fairseq's own `truncated_bptt_lm` task (shipped in fairseq/examples/truncated_bptt: batch
+row r is one contiguous stream, rows sharded across ranks, batches in order, never shuffled) plus
+`--convert-from`, with one change to its data: fairseq's blocks each predict only their own next
+tokens, so the first token of every block is never a target. Here row r is the split's token
+stream cut into `--batch-size` x ranks contiguous pieces, and the targets run across block
+boundaries: every token of the split is predicted once, from all of its history.
+
+The model keeps each layer's final state (detached: gradients stay inside a batch) for the next
+batch of the same rows, as fairseq's transformer_xl keeps its `_mems` (see
+T2RLanguageModel.read_streams). The state is reset at every epoch start, at every validation, and
+when the batch size changes, and training and evaluation keep separate states.
+
+Positions restart at every block: each block is a plain forward of --tokens-per-sample tokens, so
+a model never sees a position it was not trained on (learned position tables end at
+--max-target-positions, and a converted model learned its positions on blocks that short). What
+reaches across blocks is the recurrent state alone.
+"""
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from fairseq.data import data_utils
+from fairseq.examples.truncated_bptt.truncated_bptt_lm_task import TruncatedBPTTLMConfig, TruncatedBPTTLMTask
+from fairseq.tasks import register_task
+from omegaconf import II
+
+from .errors import T2RUsageError
+from .models import T2RLanguageModel
+from .tasks import ConvertFromConfig, T2RTask
+
+logger = logging.getLogger(__name__)
+
+
+class StreamBatches(torch.utils.data.Dataset):
+    """Item i: block i of each of this shard's rows, as (i, inputs, targets), each (rows, <= block).
+
+    The split is one token stream (its lines in order, each ending in </s>); the input is the
+    stream shifted right by one (</s> first), so the target at every position is the next token.
+    The stream is cut into `rows * num_shards` pieces of equal length; the last is padded at its end,
+    and padding is neither input to any real token nor a target."""
+
+    def __init__(self, tokens: torch.Tensor, *, rows: int, block: int, shard_id: int, num_shards: int, eos: int,
+                 pad: int):
+        streams = rows * num_shards
+        length = math.ceil(tokens.numel() / streams)
+        padding = tokens.new_full((length * streams - tokens.numel(),), pad)
+        inputs = torch.cat([tokens.new_tensor([eos]), tokens[:-1], padding]).view(streams, length)
+        targets = torch.cat([tokens, padding]).view(streams, length)
+        mine = slice(shard_id * rows, (shard_id + 1) * rows)
+        self.inputs, self.targets, self.block = inputs[mine], targets[mine], block
+        self.sizes = [block] * len(self)  # fairseq reads dataset.sizes in places; every item is one batch
+
+    def __len__(self):
+        return math.ceil(self.inputs.size(1) / self.block)
+
+    def __getitem__(self, i):
+        window = slice(i * self.block, (i + 1) * self.block)
+        return i, self.inputs[:, window].contiguous(), self.targets[:, window].contiguous()
+
+
+@dataclass
+class T2RTruncatedBPTTLMConfig(TruncatedBPTTLMConfig, ConvertFromConfig):
+    # Optional here (fairseq's is not): fairseq-eval-lm without --batch-size reads one stream.
+    batch_size: Optional[int] = II("dataset.batch_size")
+
+
+@register_task("t2r_truncated_bptt_lm", dataclass=T2RTruncatedBPTTLMConfig)
+class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
+    def __init__(self, cfg):
+        if cfg.batch_size is None:
+            cfg.batch_size = 1
+            logger.info("reading 1 stream (--batch-size N reads N streams side by side)")
+        super().__init__(cfg)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if not isinstance(model, T2RLanguageModel) or model.decoder.options.softmax_layers:
+            raise T2RUsageError("--task t2r_truncated_bptt_lm carries each layer's recurrent state between "
+                                "batches: it needs a T2R language model (--arch t2r_lm*) whose every layer is T2R "
+                                "(no --t2r-softmax-layers); for other models use --task language_modeling")
+        if self.cfg.tokens_per_sample > model.max_positions():
+            raise T2RUsageError(f"--tokens-per-sample {self.cfg.tokens_per_sample} is longer than the model's "
+                                f"{model.max_positions()} positions; positions restart in every block, so a block "
+                                f"of up to {model.max_positions()} tokens loses no context")
+        model.read_streams()
+        return model
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        path = self.cfg.data.split(":")[(epoch - 1) % len(self.cfg.data.split(":"))] + f"/{split}"
+        lines = data_utils.load_indexed_dataset(path, self.dictionary, combine=combine)
+        if lines is None:
+            raise FileNotFoundError(f"Dataset not found: {split} ({path})")
+        tokens = torch.cat([lines[i] for i in range(len(lines))]).long()
+        self.datasets[split] = StreamBatches(
+            tokens, rows=self.cfg.batch_size, block=self.cfg.tokens_per_sample, shard_id=self.cfg.data_parallel_rank,
+            num_shards=self.cfg.data_parallel_size, eos=self.dictionary.eos(), pad=self.dictionary.pad())
+
+    def _collate_fn(self, items):
+        (i, inputs, targets), = items  # every item is a whole batch
+        real = targets.ne(self.dictionary.pad())
+        return {"id": torch.arange(inputs.size(0)) + i * inputs.size(0), "net_input": {"src_tokens": inputs},
+                "target": targets, "nsentences": inputs.size(0), "ntokens": int(real.sum())}
+
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        model.reset_streams(training=True)
+
+    def begin_valid_epoch(self, epoch, model):
+        super().begin_valid_epoch(epoch, model)
+        model.reset_streams(training=False)

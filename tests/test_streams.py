@@ -1,0 +1,156 @@
+"""t2r_truncated_bptt_lm: streams cut into batches that predict every token once, a model that
+carries its recurrent state from batch to batch exactly (and resets it where it must), and the
+user's commands: fairseq-train with --convert-from, fairseq-eval-lm with full history."""
+import re
+
+import pytest
+import torch
+
+from helpers import MODEL, TINY_LM, TRAIN, USER_DIR, build_model, run
+
+
+def _batches(tokens, rows, block, shards=1):
+    from t2r_fairseq.streams import StreamBatches
+
+    return [StreamBatches(tokens, rows=rows, block=block, shard_id=s, num_shards=shards, eos=2, pad=1)
+            for s in range(shards)]
+
+
+@pytest.mark.parametrize("n,rows,block,shards", [(100, 3, 7, 1), (64, 2, 8, 2), (5, 4, 3, 1), (1, 1, 4, 1)])
+def test_every_token_is_a_target_once_and_inputs_are_the_tokens_before(n, rows, block, shards):
+    tokens = torch.arange(4, 4 + n)
+    targets, inputs = [], []
+    for dataset in _batches(tokens, rows, block, shards):
+        assert len(dataset.sizes) == len(dataset)
+        items = [dataset[i] for i in range(len(dataset))]
+        assert all(x.shape == y.shape and x.size(0) == rows and x.size(1) <= block for _, x, y in items)
+        targets.append(torch.cat([y for _, _, y in items], dim=1))
+        inputs.append(torch.cat([x for _, x, _ in items], dim=1))
+    targets, inputs = torch.cat(targets), torch.cat(inputs)  # (all rows, row length): rows in stream order
+    real = targets.ne(1)
+    assert targets[real].tolist() == tokens.tolist()  # each token once, in order
+    assert inputs[real].tolist() == [2] + tokens[:-1].tolist()  # predicted from the token before
+    # Padding only at the end of the last stream, and nowhere an input to a real target.
+    assert real.flatten().tolist() == [True] * n + [False] * (real.numel() - n)
+    assert inputs.eq(1).equal(~real)
+
+
+def _model(extra=()):
+    model, _ = build_model("t2r_lm", TINY_LM + ["--no-token-positional-embeddings", *extra])
+    return model
+
+
+def test_batches_of_a_stream_equal_one_long_forward():
+    model = _model()
+    x = torch.randint(4, 60, (2, 90), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(x)[0]
+        model.read_streams()
+        blocks = torch.cat([model(x[:, s:s + 32])[0] for s in range(0, 90, 32)], dim=1)
+    torch.testing.assert_close(blocks, full, rtol=1e-4, atol=1e-4)
+
+
+def test_state_resets_on_new_batch_shape_and_when_asked_and_train_and_eval_keep_their_own():
+    model = _model()
+    x = torch.randint(4, 60, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fresh = model(x)[0]
+        model.read_streams()
+        model(x)
+        assert not torch.allclose(model(x)[0], fresh, atol=1e-4)  # continues the stream
+        model.reset_streams(training=False)
+        torch.testing.assert_close(model(x)[0], fresh)  # starts over
+        torch.testing.assert_close(model(x[:1])[0], fresh[:1])  # another batch size: starts over
+        model.train()  # (no dropout in TINY_LM) training mode has its own, empty, state
+        torch.testing.assert_close(model(x)[0], fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_stay_inside_a_batch():
+    model = _model()
+    model.train()
+    model.read_streams()
+    x = torch.randint(4, 60, (2, 16), generator=torch.Generator().manual_seed(2))
+    model(x[:, :8])[0].sum().backward()  # the first batch's graph is gone after its backward
+    model.zero_grad()
+    model(x[:, 8:])[0].sum().backward()  # would raise if the carried state still held that graph
+    assert all(p.grad is not None for p in model.decoder.layers[0].self_attn.parameters())
+
+
+def test_padding_at_a_stream_end_enters_no_state():
+    model = _model()
+    x = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(3))
+    padded = x.clone()
+    padded[1, 8:] = 1  # the second stream ended after 8 tokens
+    with torch.no_grad():
+        model.read_streams()
+        model(padded)
+        state_padded = model._streams[False]
+        model.reset_streams(training=False)
+        model(x[:, :8])
+        state_short = model._streams[False]
+    for key in state_short:
+        for name, t in state_short[key].items():
+            torch.testing.assert_close(state_padded[key][name][1], t[1], rtol=1e-5, atol=1e-6)
+
+
+# -- the user's commands ----------------------------------------------------------------------
+STREAM = ["--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", 32, "--batch-size", 4]
+
+
+def _train(lm_workdir, save, extra=(), check=True):
+    train = [a for a in TRAIN if a not in ("--tokens-per-sample", 64, "--max-tokens", 512)]
+    return run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, *STREAM, "--convert-from",
+                lm_workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *MODEL, *train,
+                "--max-update", 6, "--save-dir", save, "--log-interval", 1, *extra], check=check)
+
+
+@pytest.fixture(scope="module")
+def carried_run(lm_workdir):
+    save = lm_workdir / "carried"
+    return save, _train(lm_workdir, save)
+
+
+def test_carried_state_training_converts_and_trains(carried_run):
+    save, proc = carried_run
+    log = proc.stdout + proc.stderr
+    assert "converted" in log and "num_updates=6" in log.replace(" ", "")
+    losses = [float(x) for x in re.findall(r"train_inner \|.*? loss=([0-9.]+)", log)]
+    assert len(losses) == 6 and all(0 < x < 20 for x in losses)
+    assert (save / "checkpoint_last.pt").exists()
+
+
+def _eval(lm_workdir, checkpoint, *extra):
+    proc = run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset",
+                "valid", "--cpu", *map(str, extra)])
+    text = proc.stdout + proc.stderr
+    tokens = int(re.search(r"Evaluated ([0-9,]+) tokens", text).group(1).replace(",", ""))
+    return tokens, float(re.search(r"Perplexity: ([0-9.]+)", text).group(1))
+
+
+def test_eval_lm_scores_every_token_with_its_whole_history(lm_workdir, carried_run):
+    save, _ = carried_run
+    checkpoint = save / "checkpoint_last.pt"
+    windowed = _eval(lm_workdir, checkpoint, "--tokens-per-sample", 64, "--context-window", 32)
+    one = _eval(lm_workdir, checkpoint, "--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", 32)
+    three = _eval(lm_workdir, checkpoint, "--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", 32,
+                  "--batch-size", 3)
+    assert one[0] == three[0] == windowed[0]  # the same tokens, each scored once
+    assert 1 < one[1] < 1e5 and one[1] != three[1]  # three streams: other histories
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--arch", "transformer_lm_wiki103"], "needs a T2R language model"),
+    (["--arch", "t2r_lm_wiki103", "--t2r-softmax-layers", "1"], "no --t2r-softmax-layers"),
+])
+def test_models_that_cannot_carry_state_are_refused_in_one_line(lm_workdir, bad, message):
+    proc = run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, *STREAM, *MODEL, *bad,
+                *[a for a in TRAIN if a not in ("--tokens-per-sample", 64, "--max-tokens", 512)], "--max-update", 1,
+                "--save-dir", lm_workdir / "refused"], check=False)
+    assert proc.returncode != 0 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+def test_blocks_longer_than_the_positions_are_refused(lm_workdir, carried_run):
+    save, _ = carried_run
+    proc = run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
+                "--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", 4096, "--cpu"], check=False)
+    assert proc.returncode != 0 and "--tokens-per-sample 4096 is longer" in proc.stderr.strip().splitlines()[-1]
