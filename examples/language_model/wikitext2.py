@@ -5,8 +5,11 @@
 Rows: a softmax teacher; T2R / ELU / RFA converted from it and finetuned for a quarter of the
 teacher's updates; T2R from random init for the same number of updates and for as many as the
 teacher; the teacher trained on for the finetuning budget (the fair baseline); and, beyond the
-paper, attention transfer, a hybrid, Hedgehog and Performer maps. Each row's dev/test perplexity
-comes from fairseq-eval-lm. Results accumulate in results/wikitext2.json after every row, so an interrupted run continues where it stopped
+paper, attention transfer, a hybrid, Hedgehog and Performer maps; and for long context, decay on
+the state (learned, gated) and the gated model trained with its state carried across batches
+(`--task t2r_truncated_bptt_lm`). Each row's dev/test perplexity comes from fairseq-eval-lm
+(`--context-window`); every all-recurrent row is also scored with its state carried across the
+whole test split (`fairseq-eval-lm --task t2r_truncated_bptt_lm`, `test_ppl_carried`). Results accumulate in results/wikitext2.json after every row, so an interrupted run continues where it stopped
 (`--force ROW` reruns one).
 
 Why this teacher: `transformer_lm` on an 8k sentencepiece BPE vocabulary. The word vocabulary
@@ -31,9 +34,11 @@ MODEL = ["--decoder-layers", "2", "--decoder-embed-dim", "128", "--decoder-ffn-e
          "--decoder-attention-heads", "2", "--share-decoder-input-output-embed", "--dropout", "0.1"]
 
 
-def train_args(tokens_per_sample, max_tokens, lr, warmup):
-    return ["--tokens-per-sample", str(tokens_per_sample), "--sample-break-mode", "none",
-            "--max-tokens", str(max_tokens), "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
+def train_args(tokens_per_sample, max_tokens, lr, warmup, streams=False):
+    # The stream task reads max_tokens // tokens_per_sample streams side by side: the same tokens per update.
+    batching = (["--batch-size", str(max_tokens // tokens_per_sample)] if streams
+                else ["--sample-break-mode", "none", "--max-tokens", str(max_tokens)])
+    return ["--tokens-per-sample", str(tokens_per_sample), *batching, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
             "--clip-norm", "1.0", "--lr", str(lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates",
             str(warmup), "--weight-decay", "0.01", "--cpu", "--num-workers", "0", "--log-format", "simple",
             "--log-interval", "50", "--no-epoch-checkpoints", "--seed", "1"]
@@ -104,6 +109,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--feature-dim", type=int, default=32)
+    p.add_argument("--carried-decay", default="gated", choices=("none", "fixed", "learned", "gated"),
+                   help="--t2r-decay of the t2r_carried row")
     p.add_argument("--note", default=None, help="recorded in setup.notes (e.g. why a run was stopped early)")
     p.add_argument("--rows", default=None, help="comma-separated subset of rows to run")
     p.add_argument("--force", default="", help="comma-separated rows to rerun even if recorded")
@@ -123,6 +130,7 @@ def main(argv=None):
     teacher_ckpt = args.work / "teacher/checkpoint_last.pt"
     t2r = ["--user-dir", USER_DIR, "--task", "t2r_language_modeling", "--arch", "t2r_lm",
            "--t2r-feature-dim", str(args.feature_dim)]
+    t2r_streams = [a if a != "t2r_language_modeling" else "t2r_truncated_bptt_lm" for a in t2r]
     convert = ["--convert-from", teacher_ckpt]
     tps, mt = args.tokens_per_sample, args.max_tokens
     rows = {
@@ -141,6 +149,12 @@ def main(argv=None):
         "hedgehog_pretrain": (t2r + convert + ["--t2r-feature-map", "hedgehog"], n_finetune, args.finetune_lr),
         "performer_pretrain": (t2r + convert + ["--t2r-feature-map", "performer"], n_finetune, args.finetune_lr),
         "t2r_random_full": (t2r, n_teacher, args.lr),
+        # Long context: decay on the state (a learned constant per head, or a gate computed from
+        # each position's input), then the gated model trained with its state carried across
+        # batches of contiguous streams (truncated backpropagation through time).
+        "t2r_decay_learned": (t2r + convert + ["--t2r-decay", "learned"], n_finetune, args.finetune_lr),
+        "t2r_decay_gated": (t2r + convert + ["--t2r-decay", "gated"], n_finetune, args.finetune_lr),
+        "t2r_carried": (t2r_streams + convert + ["--t2r-decay", args.carried_decay], n_finetune, args.finetune_lr),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
@@ -168,18 +182,22 @@ def main(argv=None):
             warmup = min(400, max(1, updates // 10))
             # Validation on a slice of valid only traces the curve; the reported numbers come from
             # fairseq-eval-lm on the full splits.
-            kit.run_or_exit(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup), "--max-update",
-                str(updates), "--save-dir", save, "--validate-interval-updates", str(max(1, updates // 4)),
-                "--max-valid-steps", "25", "--save-interval-updates", str(max(1, updates // 6)),
-                "--keep-interval-updates", "1"], args.work / f"logs/{name}.train.log")
+            streams = "t2r_truncated_bptt_lm" in extra
+            kit.run_or_exit(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup, streams),
+                             "--max-update", str(updates), "--save-dir", save, "--validate-interval-updates",
+                             str(max(1, updates // 4)), "--max-valid-steps", "25", "--save-interval-updates",
+                             str(max(1, updates // 6)), "--keep-interval-updates", "1"],
+                            args.work / f"logs/{name}.train.log")
             minutes = (time.time() - start) / 60
         row = {"updates": updates, "minutes": round(minutes, 1)}
         for subset in ("valid", "test"):
             row[f"{subset}_ppl"] = round(evaluate(bin_dir, checkpoint, tps, subset,
                                                   args.work / f"logs/{name}.eval_{subset}.log"), 2)
-        if "t2r_language_modeling" in extra:
+        if USER_DIR in extra:  # a T2R row
             row["feature_map"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-feature-map"), "t2r")
             row["feature_dim"] = args.feature_dim
+            row["decay"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-decay"), "none")
+            row["carried_state_training"] = "t2r_truncated_bptt_lm" in extra
         if name != "teacher":
             row["init"] = "teacher" if {"--convert-from", "--finetune-from-model"} & set(extra) else "random"
         log(f"{name}: {row}")
@@ -197,7 +215,7 @@ def main(argv=None):
     # Unbounded-context scoring applies to rows whose every layer is recurrent.
     for name, (extra, _, _) in rows.items():
         results = store.load()
-        recurrent = "t2r_language_modeling" in extra and "--t2r-softmax-layers" not in extra
+        recurrent = USER_DIR in extra and "--t2r-softmax-layers" not in extra
         if name in wanted and recurrent and name in results and "test_ppl_carried" not in results[name]:
             checkpoint = pathlib.Path(adopted.get(name, args.work / name / "checkpoint_last.pt"))
             ppl = round(evaluate_carried(bin_dir, checkpoint, tps, args.work / f"logs/{name}.eval_carried.log"), 2)
