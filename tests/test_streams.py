@@ -154,3 +154,51 @@ def test_blocks_longer_than_the_positions_are_refused(lm_workdir, carried_run):
     proc = run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
                 "--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", 4096, "--cpu"], check=False)
     assert proc.returncode != 0 and "--tokens-per-sample 4096 is longer" in proc.stderr.strip().splitlines()[-1]
+
+
+# -- what carrying state is for ---------------------------------------------------------------
+KEYS, FILLERS, REPEAT = torch.arange(4, 20), torch.arange(20, 24), 24
+
+
+def _documents(n, length, generator):
+    """A key, filler, REPEAT, the key again: the last token is predictable only from the first."""
+    key = KEYS[torch.randint(len(KEYS), (n, 1), generator=generator)]
+    filler = FILLERS[torch.randint(len(FILLERS), (n, length - 3), generator=generator)]
+    return torch.cat([key, filler, torch.full((n, 1), REPEAT), key], dim=1)
+
+
+def _recall_after_training(carry, block=8, steps=400):
+    """Train on documents of one block and of three (the key two blocks before its repeat), in
+    batches of blocks; return how often the key is recalled at the end of three-block documents."""
+    torch.set_num_threads(1)  # a tiny model: threads only wait for each other
+    model, _ = build_model("t2r_lm", ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim",
+                                      64, "--decoder-attention-heads", 2, "--dropout", 0, "--t2r-feature-dim", 8])
+    if carry:
+        model.read_streams()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+
+    def read(docs):  # the documents block by block: each a batch, as the stream task feeds them
+        inputs = torch.cat([torch.full((docs.size(0), 1), 2), docs[:, :-1]], dim=1)
+        model.reset_streams(model.training)  # each batch of documents is a new set of streams
+        for start in range(0, docs.size(1), block):
+            yield model(inputs[:, start:start + block])[0], docs[:, start:start + block]
+
+    model.train()
+    for step in range(steps):
+        for logits, targets in read(_documents(16, 3 * block if step % 2 else block, g)):
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        docs = _documents(256, 3 * block, torch.Generator().manual_seed(9))
+        *_, (logits, _) = read(docs)
+    return logits[:, -1].argmax(-1).eq(docs[:, -1]).float().mean().item()
+
+
+def test_carried_state_learns_a_dependency_across_three_blocks_that_independent_blocks_cannot():
+    # Chance is 1/16: independent blocks never see the key; the carried state keeps it.
+    assert _recall_after_training(carry=True) > 0.8
+    assert _recall_after_training(carry=False) < 0.2
