@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import torch
+from numpy._core import multiarray
 from fairseq import checkpoint_utils
 
 from .errors import T2RUsageError
@@ -25,8 +26,8 @@ def allow_fairseq_checkpoints():
     safe = [argparse.Namespace, np.dtype, np.ndarray]
     safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
     # numpy 2 pickles these as numpy._core.multiarray.*, numpy 1 as numpy.core.multiarray.*: allow
-    # both spellings, so a checkpoint written under either numpy loads under the other.
-    from numpy._core import multiarray  # numpy 1.26 serves this name too (an alias of numpy.core)
+    # both spellings, so a checkpoint written under either numpy loads under the other. (numpy
+    # 1.26 serves numpy._core.multiarray too, as an alias of numpy.core.multiarray.)
     for obj in (multiarray.scalar, multiarray._reconstruct):
         safe += [(obj, f"{module}.multiarray.{obj.__name__}") for module in ("numpy.core", "numpy._core")]
     add(safe)

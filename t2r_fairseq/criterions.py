@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from fairseq import metrics, utils
+from fairseq import checkpoint_utils, metrics, utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
@@ -46,8 +46,6 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
                                 "with --task t2r_language_modeling or t2r_translation")
         self.weight = attention_transfer_weight
         self.only_updates = attention_transfer_only_updates
-        from fairseq import checkpoint_utils
-
         (teacher,), _ = checkpoint_utils.load_model_ensemble([teacher_path], task=task)
         teacher.eval().requires_grad_(False)
         # A tuple keeps the teacher out of the criterion's parameters and state_dict: it is

@@ -93,7 +93,7 @@ def readme_substitutions(readme, port):
                        "--decoder-ffn-embed-dim": 64},
                       [("--fp16", "--cpu"), wmt_arch]),
         LANGUAGE_MODEL: ({"--max-update": 2, "--max-tokens": 128, "--tokens-per-sample": 64, "--context-window": 32,
-                          "--block": 64, "--workers": 1, "--t2r-softmax-layers": 1,
+                          "--workers": 1, "--t2r-softmax-layers": 1,
                           "--attention-transfer-only-updates": 1},
                          [("--fp16", "--cpu"), (r"\bt2r_lm_wiki103\b", rf"\g<0> {words(MODEL)}")]),
     }[readme]
@@ -258,9 +258,9 @@ def sandboxes(tmp_path_factory, lm_workdir):
 def test_readme_md_blocks_run(sandboxes):
     repo, out = sandboxes(README_MD)
     assert "pytest -q tests" in out  # make test, dry run
-    assert len(re.findall(r"Perplexity: [0-9.]+", out)) == 3, out[-3000:]  # two eval-lm, one t2r-eval-stream
+    assert len(re.findall(r"Perplexity: [0-9.]+", out)) == 3, out[-3000:]  # eval-lm: converted, offline, full history
     assert (repo / "t2r/checkpoint_best.pt").is_file() and (repo / "t2r_finetuned/checkpoint_last.pt").is_file()
-    assert (repo / "distributed/checkpoint_last.pt").is_file()
+    assert (repo / "distributed/checkpoint_last.pt").is_file() and (repo / "t2r_carried/checkpoint_best.pt").is_file()
 
 
 def test_translation_readme_blocks_run(sandboxes):
@@ -275,7 +275,7 @@ def test_translation_readme_blocks_run(sandboxes):
 
 def test_language_model_readme_blocks_run(sandboxes):
     repo, out = sandboxes(LANGUAGE_MODEL)
-    assert len(re.findall(r"Perplexity: [0-9.]+", out)) == 3, out[-3000:]  # teacher, T2R, stream
+    assert len(re.findall(r"Perplexity: [0-9.]+", out)) == 3, out[-3000:]  # teacher, T2R, full history
     for run in ("t2r_wiki103", "t2r_wiki103_offline", "t2r_wiki103_transfer", "t2r_wiki103_hybrid"):
         assert (repo / "checkpoints" / run / "checkpoint_last.pt").is_file(), run
 
