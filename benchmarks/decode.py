@@ -1,13 +1,15 @@
 """Decoding through fairseq's own incremental decoding (model.decoder(tokens, incremental_state=...)):
-time and memory per step of softmax (kv cache), T2R (recurrent state) and the floor, and end-to-end
-fairseq SequenceGenerator runs.
+time and memory per step, and end-to-end fairseq SequenceGenerator runs.
 
 Per (prefix length L, batch B): the prefix is read once at batch 1 (`models.prefill`) and copied to
 B rows with the decoder's own reorder_incremental_state (what beam search does); then single-token
-steps are timed, the models taking turns. Key/value caches are put back to length L before every
-step (outside the timer), so each step attends over exactly L keys; T2R's state simply keeps going.
+steps are timed, the models of a group (and in side-by-side groups the prefix lengths) taking turns
+(A B C, B C A, ...), so that changes in machine load hit all alike. Key/value caches are put back to
+length L before every step (outside the timer), so each step attends over exactly L keys; a recurrent
+state simply keeps going.
 """
 import torch
+from fairseq.sequence_generator import SequenceGenerator
 
 from .measure import medians, peak_bytes, timed
 from .models import prefill, state_bytes
@@ -27,11 +29,11 @@ def _expand(model, state, batch):
 
 
 def _in_turns(runs, batch, seconds, min_steps=6, max_steps=200):
-    """runs {name: (model, prefix state, tokens (1, L + 1))} -> {name: row}: decode steps at `batch`
-    taking turns (A B C, B C A, ...), so that changes in machine load hit all alike, each as many
-    as fit in `seconds`; median CPU and wall seconds, state bytes, peak bytes in a step."""
+    """runs {key: (model, prefix state, tokens (1, L + 1))} -> {key: row}: decode steps at `batch`
+    taking turns, each as many as fit in `seconds`; median CPU and wall seconds, state bytes, peak
+    bytes in a step."""
     steps, rows = {}, {}
-    for name, (model, prefix, tokens) in runs.items():
+    for key, (model, prefix, tokens) in runs.items():
         state, tokens = {}, tokens.expand(batch, -1).contiguous()
 
         def step(model=model, state=state, tokens=tokens):
@@ -50,56 +52,42 @@ def _in_turns(runs, batch, seconds, min_steps=6, max_steps=200):
             state.clear()
             state.update(_copy_state(restore))
         put_back()
-        steps[name] = put_back, step, max(min_steps, min(max_steps, int(seconds / timed(step)[0])))
-        rows[name] = dict(state_bytes=state_bytes(restore), peak_bytes=peak, times=[])
-    names = list(runs)
+        steps[key] = put_back, step, max(min_steps, min(max_steps, int(seconds / timed(step)[0])))
+        rows[key] = dict(state_bytes=state_bytes(restore), peak_bytes=peak, times=[])
+    keys = list(runs)
     for i in range(max(count for _, _, count in steps.values())):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            put_back, step, count = steps[name]
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            put_back, step, count = steps[key]
             if i < count:
                 put_back()
-                rows[name]["times"].append(timed(step))
+                rows[key]["times"].append(timed(step))
     for row in rows.values():
         row["wall_s"], row["step_s"] = medians(row.pop("times"))
     return rows
 
 
-def decode_rows(models, lengths, batches, *, vocab, seconds=3.0, seed=0, log=print):
-    """One row per (L, B, model): median seconds per step, state bytes, peak bytes during a step."""
+def decode_rows(models, lengths, batches, *, vocab, side_by_side=False, seconds=3.0, seed=0, log=print):
+    """One row per (L, B, model): median CPU and wall seconds per step, state bytes, peak bytes in a
+    step. The models take turns at each L; side_by_side: every (model, L) with every other, so that
+    cost(L) / cost(shortest) is free of the drift of machine load between lengths."""
+    tokens = torch.randint(4, vocab, (1, max(lengths) + 1), generator=torch.Generator().manual_seed(seed))
+    groups = [[(m, n) for n in lengths for m in models]] if side_by_side else [[(m, n) for m in models] for n in lengths]
     rows = []
-    g = torch.Generator().manual_seed(seed)
-    for length in lengths:
-        tokens = torch.randint(4, vocab, (1, length + 1), generator=g)
-        with torch.no_grad():
-            runs = {name: (model, prefill(model, tokens[:, :length]), tokens) for name, model in models.items()}
+    with torch.no_grad():
+        for group in groups:
+            runs = {(m, n): (models[m], prefill(models[m], tokens[:, :n]), tokens[:, :n + 1]) for m, n in group}
             for batch in batches:
                 measured = _in_turns(runs, batch, seconds)
-                rows += [dict(length=length, batch=batch, model=name, **row) for name, row in measured.items()]
-                log(f"  L={length:5d} B={batch:2d}  " + "  ".join(
-                    f"{m} {r['step_s'] * 1e3:8.2f} ms (wall {r['wall_s'] * 1e3:.2f})" for m, r in measured.items()))
-        del runs  # before the next prefill: long caches are large
-    return rows
-
-
-def constant_cost_rows(model, lengths, batches, *, vocab, seconds=3.0, seed=0, log=print):
-    """T2R alone, one state per prefix length, taking turns: whether a step costs the same after any
-    prefix, without the drift of machine load between configurations decode_rows measures minutes apart."""
-    rows = []
-    tokens = torch.randint(4, vocab, (1, max(lengths) + 1), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        runs = {n: (model, prefill(model, tokens[:, :n]), tokens[:, :n + 1]) for n in lengths}
-        for batch in batches:
-            measured = _in_turns(runs, batch, seconds)
-            rows += [dict(length=n, batch=batch, step_s=r["step_s"], wall_s=r["wall_s"]) for n, r in measured.items()]
-            log(f"  t2r B={batch:2d}  " + "  ".join(f"L={n} {r['step_s'] * 1e3:.2f} ms" for n, r in measured.items()))
+                rows += [dict(length=n, batch=batch, model=m, **row) for (m, n), row in measured.items()]
+                log(f"  B={batch:2d}  " + "  ".join(f"{m} L={n} {r['step_s'] * 1e3:.2f} ms"
+                                                   for (m, n), r in measured.items()))
+            del runs  # before the next prefill: long caches are large
     return rows
 
 
 def sequence_generation(model, *, length, beam=1):
     """A call that has fairseq's SequenceGenerator produce exactly `length` tokens (min_len = max_len)
     from a one-token prompt, batch 1, and returns the best hypothesis's tokens (with the final eos)."""
-    from fairseq.sequence_generator import SequenceGenerator
-
     dictionary = model.decoder.dictionary
     sample = {"net_input": {"src_tokens": torch.tensor([[dictionary.eos()]]), "src_lengths": torch.tensor([1])}}
     generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=length, min_len=length)
@@ -115,9 +103,8 @@ def generation_rows(models, *, length, beams, log=print):
     rows = []
     for beam in beams:
         for name, model in models.items():
-            generate = sequence_generation(model, length=length, beam=beam)
+            generate, tokens = sequence_generation(model, length=length, beam=beam), []
             sequence_generation(model, length=8, beam=beam)()  # warm-up
-            tokens = []
             wall, cpu = timed(lambda: tokens.append(generate()))
             rows.append(dict(model=name, beam=beam, length=tokens[0].numel(), seconds=cpu, wall=wall))
             log(f"  beam={beam} {name}: {tokens[0].numel()} tokens in {cpu:.2f} s CPU ({wall:.2f} s wall)")

@@ -1,8 +1,10 @@
-"""The three models every decode benchmark compares, built in one process with identical shapes
-and, wherever the shapes allow, identical weights:
+"""The models the benchmarks compare, built in one process with identical shapes and, wherever the
+shapes allow, identical weights:
 
 - softmax: fairseq's `transformer_lm` (its MultiheadAttention, key/value cache while decoding);
 - t2r:     `t2r_lm`, the softmax model's weights plus T2R feature maps;
+- t2r_fixed, t2r_learned, t2r_gated: t2r with `--t2r-decay` fixed, learned or gated (the same
+           weights; the decay's tensors are new);
 - floor:   the softmax model with the attention *mixing* removed (projections, FFN, layer norms and
            output layer kept; each position's output is out_proj(v)). No attention variant can do
            less work per token, so T2R/floor is the price of its recurrence.
@@ -12,9 +14,17 @@ import pathlib
 from types import SimpleNamespace
 
 import torch
+from fairseq import options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.modules import MultiheadAttention
 
+from t2r_fairseq.attention import T2RSelfAttention
+from t2r_fairseq.attention import prefill as t2r_prefill
+from t2r_fairseq.transfer import placeholder_dictionary, transfer_softmax_weights
+
 USER_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "t2r_fairseq")
+DECAY_MODELS = ("t2r_fixed", "t2r_learned", "t2r_gated")
 
 
 class FloorAttention(MultiheadAttention):
@@ -27,14 +37,8 @@ class FloorAttention(MultiheadAttention):
 
 
 def build_models(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, max_positions=8448,
-                 names=("softmax", "t2r", "floor"), seed=0):
+                 names=("softmax", "t2r", "floor") + DECAY_MODELS, seed=0):
     """{name: model} in eval mode, float32, CPU, each built from the config fairseq-train would pass."""
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq.models import ARCH_MODEL_REGISTRY
-
-    from t2r_fairseq.transfer import placeholder_dictionary, transfer_softmax_weights
-
     dictionary = placeholder_dictionary(vocab)
     task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
 
@@ -47,9 +51,10 @@ def build_models(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, max_pos
         return ARCH_MODEL_REGISTRY[arch].build_model(convert_namespace_to_omegaconf(args).model, task).eval()
 
     models = {"softmax": build("transformer_lm")}
-    if "t2r" in names:
-        models["t2r"] = build("t2r_lm", "--t2r-feature-dim", feature_dim)
-        transfer_softmax_weights(models["t2r"], models["softmax"].state_dict())
+    for name in (n for n in names if n.startswith("t2r")):
+        # A decay's initialisation draws no random numbers: every t2r model gets the same feature maps.
+        models[name] = build("t2r_lm", "--t2r-feature-dim", feature_dim, "--t2r-decay", name.partition("_")[2] or "none")
+        transfer_softmax_weights(models[name], models["softmax"].state_dict())
     if "floor" in names:
         models["floor"] = with_self_attention(
             models["softmax"], lambda old: FloorAttention(old.embed_dim, old.num_heads, self_attention=True))
@@ -66,10 +71,8 @@ def with_self_attention(model, build):
 
 
 def t2r_twin(model, **options):
-    """A copy of the T2R `model` with its self-attention built with other constructor options
+    """A copy of the plain T2R `model` with its self-attention built with other constructor options
     (chunk_size, fold_feature_map): same weights, same feature map."""
-    from t2r_fairseq.attention import T2RSelfAttention
-
     return with_self_attention(model, lambda old: T2RSelfAttention(
         old.embed_dim, old.num_heads, feature_dim=old.feature_map.feature_dim, **options))
 
@@ -79,8 +82,6 @@ def prefill(model, tokens, chunk=256):
     T2R modules read the prefix through their multi-token incremental path (attention.prefill, the
     one stream scoring uses). fairseq's softmax modules, given an incremental state, read only the
     last token, so each is fed its own input again in chunks to build its key/value cache."""
-    from t2r_fairseq.attention import prefill as t2r_prefill
-
     state = {}
 
     def fill_cache(module, args, kwargs, _output):

@@ -1,5 +1,6 @@
-"""The reports: a markdown file per benchmark (tables, targets, the decode plot) and the rows
-behind it as JSON beside it, which tools.readme builds the README's tables from."""
+"""The reports: a markdown file per benchmark (tables, targets, the decode plot) and the rows behind it
+as JSON beside it, which tools.readme builds the README's tables from. A table is a list of columns,
+(header, cell of an item), and a list of items, each a dict of what one line shows."""
 import json
 
 from tools import kit
@@ -8,27 +9,44 @@ from . import decode as decode_module
 from . import generation_memory
 from . import train as train_module
 from .measure import human_bytes
+from .models import DECAY_MODELS
 
 TIME_NOTE = ("Times are process CPU time of one torch thread, the median over forms taking turns: with one thread "
              "CPU time is the work itself, while wall time (given beside it) adds the waits for a core.")
+DECAY_FLOOR_TARGETS = {"t2r_fixed": 1.05, "t2r_learned": 1.05, "t2r_gated": 1.15}  # step / floor
+FLAT_TARGET = 1.10  # step after the longest prefix / after the shortest
+LABELS = {"softmax": "softmax", "t2r": "T2R", "floor": "floor"}  # the decode tables' models
+ms, us, kib, two = (lambda v: f"{v * 1e3:.2f}"), (lambda v: f"{v * 1e6:.1f}"), (lambda v: f"{v / 1024:.1f}"), "{:.2f}".format
 
 
-def table(head, rows, title=None, note=None):
-    """Markdown lines of a table under an optional `## title` and note, and a blank line after it."""
+def field(name, fmt=str):
+    return lambda x: fmt(x[name])
+
+
+def at(model, name, fmt):
+    """The cell of item[model][name], or "skipped" where that model has no row."""
+    return lambda x: fmt(x[model][name]) if x.get(model) else "skipped"
+
+
+def over(a, b, name="step_s", fmt=two):
+    return lambda x: fmt(x[a][name] / x[b][name])
+
+
+def table(columns, items, title=None, note=None):
+    """Markdown lines under an optional `## title` and note, and a blank line after the table."""
     return ([f"## {title}", ""] if title else []) + ([note, ""] if note else []) + [
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows), ""]
+        "| " + " | ".join(head for head, _ in columns) + " |", "|" + "---|" * len(columns),
+        *("| " + " | ".join(str(cell(x)) for _, cell in columns) + " |" for x in items), ""]
 
 
-def targets(rows, title="Targets", fmt="{:.2f}x"):
-    """rows of (what, measured value or None, test of the value): the targets table."""
-    return table(["target", "measured", ""], [[text, "not measured", "-"] if value is None else
-                                              [text, fmt.format(value), "met" if test(value) else "MISSED"]
-                                              for text, value, test in rows], title)
+def targets(goals, title="Targets", fmt="{:.2f}x".format):
+    """goals: (what, measured value or None, test of the value)."""
+    return table([("target", field(0)), ("measured", lambda g: "not measured" if g[1] is None else fmt(g[1])),
+                  ("", lambda g: "-" if g[1] is None else "met" if g[2](g[1]) else "MISSED")], goals, title)
 
 
-def ratio(a, b, key):
-    return a[key] / b[key] if a and b else None
+def ratio(a, b, name):
+    return a[name] / b[name] if a and b else None
 
 
 def write(out, name, header, title, note, lines, **rows):
@@ -50,67 +68,91 @@ def method(module):
 
 
 def checks_table(checks):
-    return table(["check", "max abs difference", "tolerance"], [[w, f"{d:.1e}", f"{t:.0e}"] for w, d, t in checks],
+    return table([("check", field(0)), ("max abs difference", field(1, "{:.1e}".format)),
+                  ("tolerance", field(2, "{:.0e}".format))], checks,
                  "Numerical checks (run before timing; the run stops if one fails)")
 
 
-def write_decode(out, header, checks, decode, constant, generate):
-    lines = checks_table(checks)
-    t = {(r["length"], r["batch"], r["model"]): r for r in decode}
-    lengths, batches = sorted({r["length"] for r in decode}), sorted({r["batch"] for r in decode})
-    grid = [(b, n, *(t[(n, b, m)] for m in ("softmax", "t2r", "floor"))) for b in batches for n in lengths]
-    ms = "{:.2f}".format
+def _by(rows, *keys):
+    return {tuple(r[k] for k in keys): r for r in rows}
+
+
+def write_decode(out, header, checks, decode, constant, decay, generate):
+    lines, t, c, d = checks_table(checks), *(_by(r, "length", "batch", "model") for r in (decode, constant, decay))
+    lengths, batches = sorted({n for n, _, _ in t}), sorted({b for _, b, _ in t})
+    grid = [dict(batch=b, length=n, first=t[(lengths[0], b, "t2r")], **{m: t[(n, b, m)] for m in LABELS})
+            for b in batches for n in lengths]
     if decode:
-        lines += table(["batch", "prefix L", "softmax ms", "T2R ms", "floor ms", "softmax / T2R", "T2R / floor",
-                        "T2R(L) / T2R(shortest)", "wall ms: softmax / T2R / floor"],
-                       [[b, n, *(ms(x["step_s"] * 1e3) for x in (s, r, f)), ms(ratio(s, r, "step_s")),
-                         ms(ratio(r, f, "step_s")), ms(ratio(r, t[(lengths[0], b, "t2r")], "step_s")),
-                         " / ".join(f"{x['wall_s'] * 1e3:.1f}" for x in (s, r, f))] for b, n, s, r, f in grid],
+        lines += table([("batch", field("batch")), ("prefix L", field("length")),
+                        *((f"{label} ms", at(m, "step_s", ms)) for m, label in LABELS.items()),
+                        ("softmax / T2R", over("softmax", "t2r")), ("T2R / floor", over("t2r", "floor")),
+                        ("T2R(L) / T2R(shortest)", over("t2r", "first")),
+                        ("wall ms: softmax / T2R / floor", lambda x: " / ".join(
+                            f"{x[m]['wall_s'] * 1e3:.1f}" for m in LABELS))], grid,
                        "Time per decode step", "*floor*: the same model without attention mixing (projections, FFN "
                        "and output layer kept): no attention variant can beat it. T2R(L) / T2R(shortest) would be "
                        "1.00 without noise.")
-    c = {(r["length"], r["batch"]): r for r in constant}
     if constant:
-        cl = sorted({r["length"] for r in constant})
-        lines += table(["batch", *(f"L={n} ms" for n in cl), "longest / shortest"],
-                       [[b, *(ms(c[(n, b)]["step_s"] * 1e3) for n in cl),
-                         ms(ratio(c[(cl[-1], b)], c[(cl[0], b)], "step_s"))] for b in sorted({b for _, b in c})],
+        cl = sorted({n for n, _, _ in c})
+        lines += table([("batch", field("batch")), *((f"L={n} ms", at(f"L={n}", "step_s", ms)) for n in cl),
+                        ("longest / shortest", over(f"L={cl[-1]}", f"L={cl[0]}"))],
+                       [dict(batch=b, **{f"L={n}": c[(n, b, "t2r")] for n in cl}) for b in sorted({b for _, b, _ in c})],
                        "T2R after every prefix length, side by side",
-                       "The T2R model alone, one state per prefix length, taking turns: only the prefix length "
-                       "differs.")
+                       "The T2R model alone, one state per prefix length, taking turns: only the prefix length differs.")
     if decode:
-        lines += table(["batch", "prefix L", "softmax kv cache held", "T2R state held", "cache / state",
-                        "softmax peak in a step", "T2R peak in a step", "floor peak in a step"],
-                       [[b, n, human_bytes(s["state_bytes"]), human_bytes(r["state_bytes"]),
-                         f"{ratio(s, r, 'state_bytes'):.0f}", *(human_bytes(x["peak_bytes"]) for x in (s, r, f))]
-                        for b, n, s, r, f in grid], "Memory of decoding",
+        lines += table([("batch", field("batch")), ("prefix L", field("length")),
+                        ("softmax kv cache held", at("softmax", "state_bytes", human_bytes)),
+                        ("T2R state held", at("t2r", "state_bytes", human_bytes)),
+                        ("cache / state", over("softmax", "t2r", "state_bytes", "{:.0f}".format)),
+                        *((f"{label} peak in a step", at(m, "peak_bytes", human_bytes)) for m, label in LABELS.items())],
+                       grid, "Memory of decoding",
                        "Torch tensor bytes. *held*: the incremental state (softmax: the kv cache; T2R: [S | z], "
                        "without its folded projection weights, shared by all sequences). *peak*: allocations minus "
                        "frees (torch.profiler) while copying the prefix state to the batch and taking one step.")
-        goals = []
+    dl, db = sorted({n for n, _, _ in d}), sorted({b for _, b, _ in d})
+    if decay:
+        lines += table([("batch", field("batch")), ("prefix L", field("length")), ("model", field("model")),
+                        ("ms", at("row", "step_s", ms)), ("wall ms", at("row", "wall_s", ms)),
+                        ("/ floor", over("row", "floor")), ("(L) / (shortest L)", over("row", "first"))],
+                       [dict(batch=b, length=n, model=m, row=d[(n, b, m)], floor=d[(n, b, "floor")],
+                             first=d[(dl[0], b, m)]) for b in db for n in dl for m in dict.fromkeys(m for *_, m in d)],
+                       "Decay of the state (--t2r-decay): time per decode step",
+                       "T2R with each decay (same weights), plain T2R and the floor, all taking turns at the shortest "
+                       "and longest prefix.")
+    goals = []
+    if decode:
         for b in batches:
-            goals.append((f"T2R step at prefix 8192 within 1.10x of prefix 128, batch {b} (side by side)",
-                          ratio(c.get((8192, b)), c.get((128, b)), "step_s"), lambda x: x <= 1.10))
+            goals.append((f"T2R step at prefix 8192 within {FLAT_TARGET:.2f}x of prefix 128, batch {b} (side by side)",
+                          ratio(c.get((8192, b, "t2r")), c.get((128, b, "t2r")), "step_s"), lambda x: x <= FLAT_TARGET))
             worst, n = max((ratio(t[(n, b, "t2r")], t[(n, b, "floor")], "step_s"), n) for n in lengths)
             goals.append((f"T2R within 1.15x of the floor at every length, batch {b} (worst: L={n})", worst,
                           lambda x: x <= 1.15))
         goals += [(f"T2R >= {goal}x faster than softmax at prefix {n}, batch {b}",
                    ratio(t.get((n, b, "softmax")), t.get((n, b, "t2r")), "step_s"), lambda x, goal=goal: x >= goal)
                   for n, b, goal in ((4096, 1, 4), (2048, 16, 10))]
-        lines += ["![decode step time](bench_decode.png)", ""] + targets(goals)
+        lines += ["![decode step time](bench_decode.png)", ""]
         _plot(out / "bench_decode.png", t, lengths, batches)
+    for m, limit in DECAY_FLOOR_TARGETS.items() if decay else ():
+        goals += [(f"{m} within {limit:.2f}x of the floor at prefix {dl[0]} and {dl[-1]}, batch {db} (worst)",
+                   max(ratio(d[(n, b, m)], d[(n, b, "floor")], "step_s") for n in dl for b in db),
+                   lambda x, limit=limit: x <= limit),
+                  (f"{m} step at prefix {dl[-1]} within {FLAT_TARGET:.2f}x of prefix {dl[0]}, batch {db} (worst)",
+                   max(ratio(d[(dl[-1], b, m)], d[(dl[0], b, m)], "step_s") for b in db), lambda x: x <= FLAT_TARGET)]
+    lines += targets(goals) if goals else []
     if generate:
-        g = {(r["model"], r["beam"]): r for r in generate}
-        lines += table(["beam", "tokens", "softmax s", "T2R s", "softmax / T2R", "T2R tokens/s",
-                        "wall s: softmax / T2R"],
-                       [[beam, r["length"], ms(s["seconds"]), ms(r["seconds"]), ms(ratio(s, r, "seconds")),
-                         f"{r['length'] / r['seconds']:.0f}", f"{s['wall']:.1f} / {r['wall']:.1f}"]
-                        for beam in sorted({r["beam"] for r in generate})
-                        for s, r in [(g[("softmax", beam)], g[("t2r", beam)])]],
+        g = _by(generate, "model", "beam")
+        lines += table([("beam", field("beam")), ("tokens", lambda x: x["t2r"]["length"]),
+                        ("softmax s", at("softmax", "seconds", two)), ("T2R s", at("t2r", "seconds", two)),
+                        ("softmax / T2R", over("softmax", "t2r", "seconds")),
+                        ("T2R tokens/s", lambda x: f"{x['t2r']['length'] / x['t2r']['seconds']:.0f}"),
+                        ("wall s: softmax / T2R", lambda x: f"{x['softmax']['wall']:.1f} / {x['t2r']['wall']:.1f}")],
+                       [dict(beam=beam, softmax=g[("softmax", beam)], t2r=g[("t2r", beam)])
+                        for beam in sorted({r["beam"] for r in generate})],
                        "End to end: fairseq SequenceGenerator", "Batch 1, one-token prompt, exactly the given number "
                        "of tokens (min_len = max_len), beam search reordering the state; one run after a warm-up.")
     write(out, "bench_decode", header, "Decoding: softmax (kv cache) vs T2R (recurrent state) vs floor",
-          f"{TIME_NOTE} {method(decode_module)}", lines, decode=decode, constant=constant, generate=generate)
+          f"{TIME_NOTE} {method(decode_module)}", lines, decode=decode, constant=constant, decay=decay,
+          generate=generate)
 
 
 def _plot(path, t, lengths, batches):
@@ -142,46 +184,56 @@ def _plot(path, t, lengths, batches):
 
 
 def write_train(out, header, checks, train):
-    lines = checks_table(checks)
-    t = {(r["level"], r["length"], r["form"]): r for r in train}
+    lines, t = checks_table(checks), _by(train, "level", "length", "form")
     for level in ("layer", "model"):
-        rows = [[n, s["batch"], *(f"{x['token_s'] * 1e6:.1f}" if x else "skipped" for x in (s, r, q)),
-                 f"{ratio(s, r, 'token_s'):.2f}", f"{ratio(s, r, 'token_wall_s'):.2f}",
-                 *(f"{x['token_bytes'] / 1024:.1f}" if x else "skipped" for x in (s, r, q))]
-                for n in sorted({r["length"] for r in train if r["level"] == level})
-                for s, r, q in [(t[(level, n, "softmax")], t[(level, n, "t2r")], t.get((level, n, "t2r-naive")))]]
-        if rows:
-            lines += table(["length", "batch", "softmax us/token", "t2r us/token", "t2r-naive us/token",
-                            "softmax / t2r", "softmax / t2r (wall)", "softmax KiB/token", "t2r KiB/token",
-                            "t2r-naive KiB/token"], rows, level)
+        items = [dict(length=n, batch=t[(level, n, "t2r")]["batch"], **{f: t.get((level, n, f)) for f in
+                                                                         ("softmax", "t2r", "t2r-naive") + DECAY_MODELS})
+                 for n in sorted({n for lv, n, _ in t if lv == level})]
+        if items:
+            lines += table([("length", field("length")), ("batch", field("batch")),
+                            *((f"{f} us/token", at(f, "token_s", us)) for f in ("softmax", "t2r", "t2r-naive")),
+                            ("softmax / t2r", over("softmax", "t2r", "token_s")),
+                            ("softmax / t2r (wall)", over("softmax", "t2r", "token_wall_s")),
+                            *((f"{f} KiB/token", at(f, "token_bytes", kib)) for f in ("softmax", "t2r", "t2r-naive"))],
+                           items, level)
+        if items and items[0]["t2r_fixed"]:
+            lines += table([("length", field("length")), ("batch", field("batch")),
+                            *((f"{f} us/token", at(f, "token_s", us)) for f in ("t2r",) + DECAY_MODELS),
+                            *((f"{f} / t2r", over(f, "t2r", "token_s")) for f in DECAY_MODELS),
+                            *((f"{f} KiB/token", at(f, "token_bytes", kib)) for f in ("t2r",) + DECAY_MODELS)],
+                           items, f"{level}: decay of the state (--t2r-decay), T2R chunked")
     goals = []
     for level in ("layer", "model"):
         goals += [(f"chunked T2R >= 2x faster than softmax at 4096 ({level}; softmax / t2r)",
                    ratio(t.get((level, 4096, "softmax")), t.get((level, 4096, "t2r")), "token_s"), lambda x: x >= 2),
                   (f"chunked T2R <= 1.3x slower than softmax at 512 ({level}; t2r / softmax)",
                    ratio(t.get((level, 512, "t2r")), t.get((level, 512, "softmax")), "token_s"), lambda x: x <= 1.3)]
+    goals += [(f"chunked {m} within 1.3x of plain chunked T2R at 4096 (layer; {m} / t2r)",
+               ratio(t.get(("layer", 4096, m)), t.get(("layer", 4096, "t2r")), "token_s"), lambda x: x <= 1.3)
+              for m in DECAY_MODELS]
     write(out, "bench_train", header, "Training: forward + backward per token, T2R chunked vs softmax vs quadratic T2R",
           f"{TIME_NOTE} {method(train_module)}", lines + targets(goals), train=train)
 
 
 def write_memory(out, header, memory):
-    t = {(r["model"], r["length"]): r for r in memory}
-    short, long = min(r["length"] for r in memory), max(r["length"] for r in memory)
-    lines = table(["model", "tokens generated", "RSS before generating (baseline)", "peak RSS while generating",
-                   "increment (peak - baseline)", "CPU s", "wall s"],
-                  [[r["model"], r["length"], human_bytes(r["baseline_bytes"]), human_bytes(r["peak_bytes"]),
-                    human_bytes(r["increment_bytes"]), f"{r['seconds']:.1f}", f"{r['wall']:.1f}"] for r in memory])
+    t = _by(memory, "model", "length")
+    short, long = min(n for _, n in t), max(n for _, n in t)
+    lines = table([("model", field("model")), ("tokens generated", field("length")),
+                   ("RSS before generating (baseline)", field("baseline_bytes", human_bytes)),
+                   ("peak RSS while generating", field("peak_bytes", human_bytes)),
+                   ("increment (peak - baseline)", field("increment_bytes", human_bytes)),
+                   ("CPU s", field("seconds", "{:.1f}".format)), ("wall s", field("wall", "{:.1f}".format))], memory)
     # An increment can be 0 (or a page negative): the generation then fit in pages already resident.
-    lines += table(["model", f"peak({long}) / peak({short})", f"increment({long}) / increment({short})",
-                    f"increment({long}) - increment({short})"],
-                   [[m, f"{ratio(n, s, 'peak_bytes'):.3f}",
-                     f"{ratio(n, s, 'increment_bytes'):.2f}" if s["increment_bytes"] > 0 else "-",
-                     human_bytes(n["increment_bytes"] - s["increment_bytes"])]
-                    for m in dict.fromkeys(r["model"] for r in memory) for s, n in [(t[(m, short)], t[(m, long)])]],
+    lines += table([("model", field("model")), (f"peak({long}) / peak({short})", over("n", "s", "peak_bytes", "{:.3f}".format)),
+                    (f"increment({long}) / increment({short})", lambda x: f"{ratio(x['n'], x['s'], 'increment_bytes'):.2f}"
+                     if x["s"]["increment_bytes"] > 0 else "-"),
+                    (f"increment({long}) - increment({short})",
+                     lambda x: human_bytes(x["n"]["increment_bytes"] - x["s"]["increment_bytes"]))],
+                   [dict(model=m, s=t[(m, short)], n=t[(m, long)]) for m in dict.fromkeys(m for m, _ in t)],
                    f"{long} tokens vs {short}", "The baseline (Python, torch, fairseq, the weights) dominates the "
                    "peak; the increments are what generation adds.")
     lines += targets([(f"T2R peak RSS generating {long} tokens grows < 5% over generating {short}",
                        ratio(t[("t2r", long)], t[("t2r", short)], "peak_bytes"), lambda x: x < 1.05)],
-                     "Target", fmt="{:.3f}x")
+                     "Target", "{:.3f}x".format)
     write(out, "generation_memory", header, "Generation memory: T2R (constant-size state) vs softmax (key/value cache)",
           method(generation_memory), lines, memory=memory)

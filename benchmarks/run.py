@@ -58,9 +58,9 @@ def main(argv=None):
 
     from . import report
     from .checks import assert_checks, run_checks
-    from .decode import constant_cost_rows, decode_rows, generation_rows
+    from .decode import decode_rows, generation_rows
     from .generation_memory import memory_rows
-    from .models import build_models
+    from .models import DECAY_MODELS, build_models
     from .train import train_rows
 
     def log(msg):
@@ -81,27 +81,31 @@ def main(argv=None):
     for what, diff, tol in checks:
         log(f"  check {'ok ' if diff <= tol else 'BAD'} {diff:.1e} (tol {tol:.0e})  {what}")
     assert_checks(checks)
+    timing = dict(vocab=args.vocab, seconds=args.seconds, log=log)
     args.out.mkdir(parents=True, exist_ok=True)
 
+    main_models = {m: models[m] for m in ("softmax", "t2r", "floor")}
     if args.only & {"decode", "generate"}:
-        decode, constant, generate = [], [], []
+        decode, constant, decay, generate = [], [], [], []
         if "decode" in args.only:
             log("decode steps")
-            decode = decode_rows(models, args.lengths, args.batches, vocab=args.vocab, seconds=args.seconds, log=log)
+            decode = decode_rows(main_models, args.lengths, args.batches, **timing)
             log("T2R after every prefix length, side by side")
-            constant = constant_cost_rows(models["t2r"], args.lengths, args.batches, vocab=args.vocab,
-                                          seconds=args.seconds, log=log)
+            constant = decode_rows({"t2r": models["t2r"]}, args.lengths, args.batches, side_by_side=True, **timing)
+            log("decay of the state: the shortest and the longest prefix, side by side")
+            decay = decode_rows({m: models[m] for m in ("t2r", *DECAY_MODELS, "floor")},
+                                [min(args.lengths), max(args.lengths)], args.batches, side_by_side=True, **timing)
         if "generate" in args.only:
             log("SequenceGenerator")
-            generate = generation_rows({k: models[k] for k in ("softmax", "t2r")}, length=args.gen_length,
+            generate = generation_rows({m: models[m] for m in ("softmax", "t2r")}, length=args.gen_length,
                                        beams=args.beams, log=log)
-        report.write_decode(args.out, header, checks, decode, constant, generate)
+        report.write_decode(args.out, header, checks, decode, constant, decay, generate)
     if "train" in args.only:
         log("training")
-        train = train_rows(models, args.train_lengths, tokens=args.train_tokens, levels=("layer",),
+        train = train_rows(models, args.train_lengths, tokens=args.train_tokens, level="layer",
                            naive_max_length=args.naive_max_length, vocab=args.vocab, log=log)
         # One timed round after the (profiled) warm-up: whole-model iterations are long.
-        train += train_rows(models, args.train_model_lengths, tokens=args.train_model_tokens, levels=("model",),
+        train += train_rows(main_models, args.train_model_lengths, tokens=args.train_model_tokens, level="model",
                             naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
     if "memory" in args.only:

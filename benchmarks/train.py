@@ -1,7 +1,8 @@
 """Training: forward + backward time and peak memory per token, at a fixed number of tokens per step
-(batch = tokens // length), for one decoder layer and for the whole model (output layer and loss).
-Forms: `softmax` (fairseq's MultiheadAttention with its causal mask), `t2r` (the chunked parallel
-form) and `t2r-naive` (the same weights in one chunk as long as the sequence: the T x T form).
+(batch = tokens // length), for one decoder layer and for the whole model (output layer and loss),
+the forms taking turns. Forms: `softmax` (fairseq's MultiheadAttention with its causal mask), `t2r`
+(the chunked parallel form), `t2r-naive` (the same weights in one chunk as long as the sequence: the
+T x T form) and, for one layer, `t2r_fixed`, `t2r_learned`, `t2r_gated` (t2r chunked with a decay).
 Memory: peak torch tensor bytes allocated in one forward + backward (torch.profiler), per token.
 """
 import torch
@@ -34,34 +35,34 @@ def _iteration(model, level, batch, length, vocab, g):
     return iteration
 
 
-def train_rows(models, lengths, *, tokens, levels=("layer", "model"), naive_max_length=4096, rounds=2,
-               vocab, seed=0, log=print):
-    """One row per (level, length, form): median seconds and peak bytes of one iteration, per token."""
+def train_rows(models, lengths, *, tokens, level, naive_max_length, rounds=2, vocab, seed=0, log=print):
+    """One row per (length, form): median CPU and wall seconds and peak bytes of one iteration, per
+    token. Forms: softmax, t2r, t2r-naive up to naive_max_length, and any other t2r_* model given."""
     rows = []
     g = torch.Generator().manual_seed(seed)
     # A chunk is never longer than the sequence, so up to naive_max_length each runs in one chunk.
     forms = {"softmax": models["softmax"], "t2r": models["t2r"],
-             "t2r-naive": t2r_twin(models["t2r"], chunk_size=naive_max_length)}
+             "t2r-naive": t2r_twin(models["t2r"], chunk_size=naive_max_length),
+             **{name: model for name, model in models.items() if name.startswith("t2r_")}}
     for model in forms.values():
         model.train()
     try:
-        for level in levels:
-            for length in lengths:
-                batch, runs = max(1, tokens // length), {}
-                for form, model in forms.items():
-                    if form != "t2r-naive" or length <= naive_max_length:
-                        iteration = _iteration(model, level, batch, length, vocab, g)
-                        runs[form] = iteration, peak_bytes(iteration), []  # the profiled one warms up too
-                for _ in range(rounds):
-                    for iteration, _, times in runs.values():
-                        times.append(timed(iteration))
+        for length in lengths:
+            batch, runs = max(1, tokens // length), {}
+            for form, model in forms.items():
+                if form != "t2r-naive" or length <= naive_max_length:
+                    iteration = _iteration(model, level, batch, length, vocab, g)
+                    runs[form] = iteration, peak_bytes(iteration), []  # the profiled one warms up too
+            for _ in range(rounds):
+                for iteration, _, times in runs.values():
+                    times.append(timed(iteration))
+            for form, (_, peak, times) in runs.items():
+                wall, cpu = medians(times)
                 n = batch * length
-                for form, (_, peak, times) in runs.items():
-                    wall, cpu = medians(times)
-                    rows.append(dict(level=level, length=length, batch=batch, form=form, token_s=cpu / n,
-                                     token_wall_s=wall / n, token_bytes=peak / n))
-                log(f"  {level:5s} L={length:5d} B={batch:2d}  " + "  ".join(
-                    f"{r['form']} {r['token_s'] * 1e6:7.1f} us/tok" for r in rows[-len(runs):]))
+                rows.append(dict(level=level, length=length, batch=batch, form=form, token_s=cpu / n,
+                                 token_wall_s=wall / n, token_bytes=peak / n))
+            log(f"  {level} L={length:5d} B={batch:2d}  " + "  ".join(
+                f"{r['form']} {r['token_s'] * 1e6:.1f} us/tok" for r in rows[-len(runs):]))
     finally:
         for model in forms.values():
             model.eval()

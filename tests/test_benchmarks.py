@@ -6,6 +6,7 @@ import sys
 from helpers import ROOT, run
 
 QUICK_LENGTHS, QUICK_BATCHES, QUICK_MEMORY_LENGTHS = [64, 512], [1, 4], [32, 128]
+DECAYS = ("t2r_fixed", "t2r_learned", "t2r_gated")
 
 
 def _table(markdown, head):
@@ -29,10 +30,13 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     for name in md:
         assert data[name]["header"]["load_start"] >= 0 and data[name]["header"]["load_end"] >= 0
 
-    # Numerical checks (math, every model, the T2R fast paths) ran before timing, all within tolerance.
+    # Numerical checks (math, every model including each decay, the T2R fast paths) ran before timing,
+    # all within tolerance.
     for name in ("bench_decode", "bench_train"):
         checks = _table(md[name], "| check |")
-        assert len(checks) == 8 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
+        assert [row[0].split(":")[0] for row in checks if "incremental steps" in row[0]] == [
+            "softmax", "t2r", "floor", *DECAYS]
+        assert len(checks) == 11 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
 
     decode = data["bench_decode"]
     grid = [(b, n) for b in QUICK_BATCHES for n in QUICK_LENGTHS]
@@ -54,17 +58,34 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     assert {(r["model"], r["beam"], r["length"]) for r in decode["generate"]} == {
         (m, beam, 33) for m in ("softmax", "t2r") for beam in (1, 5)}  # 32 tokens and the final eos
     assert [row[:2] for row in _table(md["bench_decode"], "| beam |")] == [["1", "33"], ["5", "33"]]
-    assert len(_table(md["bench_decode"], "| target |")) == 2 * len(QUICK_BATCHES) + 2
+    # Decay: each form, plain T2R and the floor taking turns at the shortest and longest prefix; a decay
+    # adds nothing to the state. Targets: within a factor of the floor, and flat, per form.
+    decay = {(r["length"], r["batch"], r["model"]): r for r in decode["decay"]}
+    forms = ("t2r", *DECAYS, "floor")
+    assert len(decode["decay"]) == len(decay) and set(decay) == {
+        (n, b, m) for n in QUICK_LENGTHS for b in QUICK_BATCHES for m in forms}
+    for (n, b, m), r in decay.items():
+        assert r["step_s"] > 0 and r["wall_s"] > 0 and r["peak_bytes"] > 0
+        if m != "floor":
+            assert r["state_bytes"] == rows[(QUICK_LENGTHS[0], b, "t2r")]["state_bytes"]
+    assert [row[:3] for row in _table(md["bench_decode"], "| batch | prefix L | model |")] == [
+        [str(b), str(n), m] for b in QUICK_BATCHES for n in QUICK_LENGTHS for m in forms]
+    goals = [row[0] for row in _table(md["bench_decode"], "| target |")]
+    assert len(goals) == 2 * len(QUICK_BATCHES) + 2 + 2 * len(DECAYS)
+    assert [g.split()[0] for g in goals[-2 * len(DECAYS):]] == [m for m in DECAYS for _ in range(2)]
 
     train = data["bench_train"]["train"]
-    assert {(r["level"], r["length"], r["form"]) for r in train} == {(level, n, form) for level in ("layer", "model")
-                                                                      for n in (128, 512)
-                                                                      for form in ("softmax", "t2r", "t2r-naive")}
+    plain = ("softmax", "t2r", "t2r-naive")
+    assert sorted((r["level"], r["length"], r["form"]) for r in train) == sorted(
+        [("layer", n, form) for n in (128, 512) for form in plain + DECAYS] +
+        [("model", n, form) for n in (128, 512) for form in plain])
     assert all(r["token_s"] > 0 and r["token_bytes"] > 0 for r in train)
     for level in ("## layer", "## model"):
         table = md["bench_train"].split(level, 1)[1]
         assert [row[:2] for row in _table(table, "| length |")] == [["128", "8"], ["512", "2"]]
-    assert len(_table(md["bench_train"], "| target |")) == 4
+    decay_table = md["bench_train"].split("## layer: decay", 1)[1]
+    assert [row[:2] for row in _table(decay_table, "| length |")] == [["128", "8"], ["512", "2"]]
+    assert len(_table(md["bench_train"], "| target |")) == 4 + len(DECAYS)
 
     # Generation memory: each model and length in its own process, then one ratio row per model.
     memory = data["generation_memory"]["memory"]
