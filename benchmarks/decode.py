@@ -8,6 +8,9 @@ steps are timed, the models of a group (and in side-by-side groups the prefix le
 length L before every step (outside the timer), so each step attends over exactly L keys; a recurrent
 state simply keeps going.
 """
+import functools
+import itertools
+
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
@@ -16,8 +19,8 @@ from .models import prefill, state_bytes
 
 
 def _copy_state(state):
-    """New dicts sharing the tensors: enough to undo a softmax step, whose cache update replaces
-    tensors (torch.cat) instead of writing into them."""
+    """New dicts sharing the tensors: enough to undo a softmax step, whose cache update replaces tensors
+    (torch.cat) instead of writing into them."""
     return {key: dict(buf) for key, buf in state.items()}
 
 
@@ -29,35 +32,25 @@ def _expand(model, state, batch):
 
 
 def _in_turns(runs, batch, seconds, min_steps=6, max_steps=200):
-    """runs {key: (model, prefix state, tokens (1, L + 1))} -> {key: row}: decode steps at `batch`
-    taking turns, each as many as fit in `seconds`; median CPU and wall seconds, state bytes, peak
-    bytes in a step."""
-    steps, rows = {}, {}
+    """runs {key: (model, prefix state, tokens (1, L + 1))} -> {key: row}: decode steps at `batch` taking
+    turns, each as many as fit in `seconds`; median CPU and wall seconds, state bytes, peak bytes in a step."""
+    turns, rows = [], {}
     for key, (model, prefix, tokens) in runs.items():
-        state, tokens = {}, tokens.expand(batch, -1).contiguous()
-
-        def step(model=model, state=state, tokens=tokens):
-            model.decoder(tokens, incremental_state=state)
-
-        def expand_and_step(model=model, state=state, prefix=prefix):
-            state.update(_expand(model, prefix, batch))
-            step()
-
-        # The state is built inside the profiled call (the profiler only counts the free of a block
-        # it saw allocated, and softmax frees its old cache in a step); this warms up too.
-        peak = peak_bytes(expand_and_step)
+        state = {}
+        step = functools.partial(model.decoder, tokens.expand(batch, -1).contiguous(), incremental_state=state)
+        # The state is built inside the profiled call (the profiler only counts the free of a block it saw
+        # allocated, and softmax frees its old cache in a step); this warms up too.
+        peak = peak_bytes(lambda: (state.update(_expand(model, prefix, batch)), step()))
         restore = _expand(model, prefix, batch)  # a softmax cache of exactly L keys
 
         def put_back(state=state, restore=restore):
             state.clear()
             state.update(_copy_state(restore))
         put_back()
-        steps[key] = put_back, step, max(min_steps, min(max_steps, int(seconds / timed(step)[0])))
+        turns.append((key, put_back, step, max(min_steps, min(max_steps, int(seconds / timed(step)[0])))))
         rows[key] = dict(state_bytes=state_bytes(restore), peak_bytes=peak, times=[])
-    keys = list(runs)
-    for i in range(max(count for _, _, count in steps.values())):
-        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
-            put_back, step, count = steps[key]
+    for i in range(max(count for *_, count in turns)):
+        for key, put_back, step, count in turns[i % len(turns):] + turns[:i % len(turns)]:  # A B C, B C A, ...
             if i < count:
                 put_back()
                 rows[key]["times"].append(timed(step))
@@ -71,7 +64,8 @@ def decode_rows(models, lengths, batches, *, vocab, side_by_side=False, seconds=
     step. The models take turns at each L; side_by_side: every (model, L) with every other, so that
     cost(L) / cost(shortest) is free of the drift of machine load between lengths."""
     tokens = torch.randint(4, vocab, (1, max(lengths) + 1), generator=torch.Generator().manual_seed(seed))
-    groups = [[(m, n) for n in lengths for m in models]] if side_by_side else [[(m, n) for m in models] for n in lengths]
+    pairs = [[(m, n) for m in models] for n in lengths]
+    groups = [sum(pairs, [])] if side_by_side else pairs
     rows = []
     with torch.no_grad():
         for group in groups:
@@ -79,33 +73,27 @@ def decode_rows(models, lengths, batches, *, vocab, side_by_side=False, seconds=
             for batch in batches:
                 measured = _in_turns(runs, batch, seconds)
                 rows += [dict(length=n, batch=batch, model=m, **row) for (m, n), row in measured.items()]
-                log(f"  B={batch:2d}  " + "  ".join(f"{m} L={n} {r['step_s'] * 1e3:.2f} ms"
-                                                   for (m, n), r in measured.items()))
+                log(f"  B={batch} " + "  ".join(f"{m} L={n} {r['step_s'] * 1e3:.2f} ms" for (m, n), r in measured.items()))
             del runs  # before the next prefill: long caches are large
     return rows
 
 
 def sequence_generation(model, *, length, beam=1):
-    """A call that has fairseq's SequenceGenerator produce exactly `length` tokens (min_len = max_len)
-    from a one-token prompt, batch 1, and returns the best hypothesis's tokens (with the final eos)."""
+    """A call that has fairseq's SequenceGenerator (no_grad by itself) produce exactly `length` tokens
+    (min_len = max_len) from a one-token prompt, batch 1; it returns the best hypothesis's tokens (with eos)."""
     dictionary = model.decoder.dictionary
     sample = {"net_input": {"src_tokens": torch.tensor([[dictionary.eos()]]), "src_lengths": torch.tensor([1])}}
     generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=length, min_len=length)
-
-    def generate():
-        with torch.no_grad():
-            return generator.generate([model], sample)[0][0]["tokens"]
-    return generate
+    return lambda: generator.generate([model], sample)[0][0]["tokens"]
 
 
 def generation_rows(models, *, length, beams, log=print):
     """sequence_generation for every model and beam size; CPU and wall time of one run after a warm-up."""
     rows = []
-    for beam in beams:
-        for name, model in models.items():
-            generate, tokens = sequence_generation(model, length=length, beam=beam), []
-            sequence_generation(model, length=8, beam=beam)()  # warm-up
-            wall, cpu = timed(lambda: tokens.append(generate()))
-            rows.append(dict(model=name, beam=beam, length=tokens[0].numel(), seconds=cpu, wall=wall))
-            log(f"  beam={beam} {name}: {tokens[0].numel()} tokens in {cpu:.2f} s CPU ({wall:.2f} s wall)")
+    for beam, (name, model) in itertools.product(beams, models.items()):
+        generate, tokens = sequence_generation(model, length=length, beam=beam), []
+        sequence_generation(model, length=8, beam=beam)()  # warm-up
+        wall, cpu = timed(lambda: tokens.append(generate()))
+        rows.append(dict(model=name, beam=beam, length=tokens[0].numel(), seconds=cpu, wall=wall))
+        log(f"  beam={beam} {name}: {tokens[0].numel()} tokens in {cpu:.2f} s CPU ({wall:.2f} s wall)")
     return rows

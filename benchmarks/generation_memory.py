@@ -11,10 +11,13 @@ reads it as the baseline, generates N tokens and reads it again as the peak.
 """
 import ctypes
 import gc
+import itertools
 import json
+import logging
 import pathlib
 import subprocess
 import sys
+import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,9 +31,6 @@ def _peak_rss_bytes():
 
 def _measure(model_name, length, max_positions, threads, shape):
     """One (model, N) measurement, in this process: dict of bytes and seconds."""
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # before fairseq's import-time chatter
 
@@ -58,17 +58,13 @@ def _measure(model_name, length, max_positions, threads, shape):
 def memory_rows(lengths, *, threads, shape, models=("softmax", "t2r"), log=print):
     """One row per (model, N), each measured in a fresh process. shape: build_models' size arguments."""
     rows = []
-    for name in models:
-        for length in lengths:
-            spec = json.dumps(dict(model_name=name, length=length, max_positions=max(lengths) + 64, threads=threads,
-                                   shape=shape))
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.generation_memory", spec], cwd=ROOT,
-                                  stdout=subprocess.PIPE, text=True, check=True)
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            log(f"  {name} N={length}: baseline {row['baseline_bytes'] / 2 ** 20:.1f} MiB, peak "
-                f"{row['peak_bytes'] / 2 ** 20:.1f} MiB, +{row['increment_bytes'] / 2 ** 20:.1f} MiB "
-                f"({row['seconds']:.1f} s CPU, {row['wall']:.1f} s wall)")
+    for name, length in itertools.product(models, lengths):
+        spec = dict(model_name=name, length=length, max_positions=max(lengths) + 64, threads=threads, shape=shape)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.generation_memory", json.dumps(spec)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, check=True)
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        log(f"  {name} N={length}: peak RSS {rows[-1]['peak_bytes'] / 2 ** 20:.1f} MiB, "
+            f"+{rows[-1]['increment_bytes'] / 2 ** 20:.1f} MiB while generating")
     return rows
 
 

@@ -48,24 +48,24 @@ def parse_args(argv=None):
     return args
 
 
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)  # fairseq/hydra chatter
+    logging.disable(logging.WARNING)  # fairseq/hydra chatter, before fairseq is imported
     import torch
 
-    torch.set_num_threads(args.threads)
-
     from . import report
-    from .checks import assert_checks, run_checks
+    from .checks import run_checks
     from .decode import decode_rows, generation_rows
     from .generation_memory import memory_rows
     from .models import DECAY_MODELS, build_models
     from .train import train_rows
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
+    torch.set_num_threads(args.threads)
     started, info = time.time(), kit.machine()
     shape = dict(layers=args.layers, dim=args.dim, heads=args.heads, vocab=args.vocab, feature_dim=args.feature_dim)
     header = dict(command="python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -77,46 +77,39 @@ def main(argv=None):
     log(f"{header['warning'] or ''}\n{header['machine']}, 1-minute load average {header['load_start']:.2f}\n"
         f"models: {header['shape']}".lstrip())
     models = build_models(**shape, max_positions=max(args.lengths + args.train_lengths + [args.gen_length]) + 64)
-    checks = run_checks(models, vocab=args.vocab)
-    for what, diff, tol in checks:
-        log(f"  check {'ok ' if diff <= tol else 'BAD'} {diff:.1e} (tol {tol:.0e})  {what}")
-    assert_checks(checks)
-    timing = dict(vocab=args.vocab, seconds=args.seconds, log=log)
+    checks = run_checks(models, vocab=args.vocab, log=log)
     args.out.mkdir(parents=True, exist_ok=True)
-
-    main_models = {m: models[m] for m in ("softmax", "t2r", "floor")}
-    if args.only & {"decode", "generate"}:
-        decode, constant, decay, generate = [], [], [], []
-        if "decode" in args.only:
-            log("decode steps")
-            decode = decode_rows(main_models, args.lengths, args.batches, **timing)
-            log("T2R after every prefix length, side by side")
-            constant = decode_rows({"t2r": models["t2r"]}, args.lengths, args.batches, side_by_side=True, **timing)
-            log("decay of the state: the shortest and the longest prefix, side by side")
-            decay = decode_rows({m: models[m] for m in ("t2r", *DECAY_MODELS, "floor")},
-                                [min(args.lengths), max(args.lengths)], args.batches, side_by_side=True, **timing)
-        if "generate" in args.only:
-            log("SequenceGenerator")
-            generate = generation_rows({m: models[m] for m in ("softmax", "t2r")}, length=args.gen_length,
-                                       beams=args.beams, log=log)
+    plain = {m: models[m] for m in ("softmax", "t2r", "floor")}
+    timing = dict(vocab=args.vocab, seconds=args.seconds, log=log)
+    decode, constant, decay, generate = [], [], [], []
+    if "decode" in args.only:
+        log("decode steps")
+        decode = decode_rows(plain, args.lengths, args.batches, **timing)
+        log("T2R after every prefix length, side by side")
+        constant = decode_rows({"t2r": models["t2r"]}, args.lengths, args.batches, side_by_side=True, **timing)
+        log("decay of the state: the shortest and the longest prefix, side by side")
+        decay = decode_rows({m: models[m] for m in ("t2r", *DECAY_MODELS, "floor")},
+                            [min(args.lengths), max(args.lengths)], args.batches, side_by_side=True, **timing)
+    if "generate" in args.only:
+        log("SequenceGenerator")
+        generate = generation_rows({m: models[m] for m in ("softmax", "t2r")}, length=args.gen_length,
+                                   beams=args.beams, log=log)
+    if decode or generate:
         report.write_decode(args.out, header, checks, decode, constant, decay, generate)
     if "train" in args.only:
         log("training")
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, level="layer",
                            naive_max_length=args.naive_max_length, vocab=args.vocab, log=log)
         # One timed round after the (profiled) warm-up: whole-model iterations are long.
-        train += train_rows(main_models, args.train_model_lengths, tokens=args.train_model_tokens, level="model",
+        train += train_rows(plain, args.train_model_lengths, tokens=args.train_model_tokens, level="model",
                             naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
     if "memory" in args.only:
         log("generation memory (a fresh process per model and length)")
-        memory = memory_rows(args.memory_lengths, threads=args.threads, shape=shape, log=log)
-        report.write_memory(args.out, header, memory)
-    log(f"done in {time.time() - started:.0f} s; results in {args.out}/")
-    warning = header["warning"] or kit.busy_warning("these timings")
-    if warning:
-        log(warning)
-    return time.time() - started
+        report.write_memory(args.out, header, memory_rows(args.memory_lengths, threads=args.threads, shape=shape,
+                                                          log=log))
+    log(f"done in {time.time() - started:.0f} s; results in {args.out}/\n"
+        + (header["warning"] or kit.busy_warning("these timings") or ""))
 
 
 if __name__ == "__main__":

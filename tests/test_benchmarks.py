@@ -68,8 +68,8 @@ def test_quick_benchmark_writes_every_table(tmp_path):
         assert r["step_s"] > 0 and r["wall_s"] > 0 and r["peak_bytes"] > 0
         if m != "floor":
             assert r["state_bytes"] == rows[(QUICK_LENGTHS[0], b, "t2r")]["state_bytes"]
-    assert [row[:3] for row in _table(md["bench_decode"], "| batch | prefix L | model |")] == [
-        [str(b), str(n), m] for b in QUICK_BATCHES for n in QUICK_LENGTHS for m in forms]
+    assert [row[:2] for row in _table(md["bench_decode"], "| batch | model |")] == [
+        [str(b), m] for b in QUICK_BATCHES for m in forms]
     goals = [row[0] for row in _table(md["bench_decode"], "| target |")]
     assert len(goals) == 2 * len(QUICK_BATCHES) + 2 + 2 * len(DECAYS)
     assert [g.split()[0] for g in goals[-2 * len(DECAYS):]] == [m for m in DECAYS for _ in range(2)]
