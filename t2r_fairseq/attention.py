@@ -6,11 +6,13 @@ softmax checkpoint and every T2R checkpoint load by name, and fairseq's forward 
 (time, batch, channel) tensors, returning (out, None): linear attention forms no weights.
 
 Each keeps one state, only in fairseq's incremental_state: the packed [S | z] of linear_attention.py,
-(batch, heads, features, head_dim + 1), batch-first so that beam search reorders it with one
-index_select. The values that build it are v1 = [v | 1]; the column of ones is made in one place,
-_value_weights, as one more output per head of the value projection.
+(batch, heads, features, head_dim + 1) (with a sliding window, also window_attention.py's ring of
+the last W keys and the count of keys read), batch-first so that beam search reorders it with one
+index_select per tensor. The values that build it are v1 = [v | 1]; the column of ones is made in
+one place, _value_weights, as one more output per head of the value projection.
 """
-from typing import Dict, Optional, Tuple
+import math
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
@@ -20,6 +22,7 @@ from .decay import build_decay
 from .feature_maps import T2RFeatureMap, build_feature_map
 from .linear_attention import (DEFAULT_CHUNK_SIZE, packed_causal_linear_attention, packed_linear_attention_read,
                                packed_linear_attention_state, packed_linear_attention_step)
+from .window_attention import WindowState, packed_window_attention, packed_window_attention_step
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
@@ -99,10 +102,11 @@ class _LinearAttention(nn.Module):
 
     @torch.jit.unused
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
-        """Beam search: the state is batch-first, so reordering is one index_select."""
-        state = self._saved_state(incremental_state)
-        if state is not None:
-            self._save_state(incremental_state, state.index_select(0, new_order))
+        """Beam search: the state is batch-first, so reordering is one index_select per tensor."""
+        buffer = self._get_input_buffer(incremental_state)
+        if buffer:
+            self._set_input_buffer(incremental_state, {name: t.index_select(0, new_order)
+                                                       for name, t in buffer.items()})
         return incremental_state
 
     # -- checkpoint compatibility -----------------------------------------------------------
@@ -114,6 +118,18 @@ class _LinearAttention(nn.Module):
             if packed is not None:
                 for part, proj in zip(packed.chunk(3, dim=0), ("q_proj", "k_proj", "v_proj")):
                     state_dict[f"{prefix}{proj}.{kind}"] = part
+
+
+class Projection(NamedTuple):
+    """What T2RSelfAttention computes from its input: phi(q), phi(k): (batch, heads, time, features),
+    v1: (batch, heads, time, head_dim + 1), the log-gates (broadcasting to (batch, heads, time); None
+    without decay), and, with a window, the raw q and k: (batch, heads, time, head_dim) (else None)."""
+    q: Tensor
+    k: Tensor
+    v1: Tensor
+    log_g: Optional[Tensor]
+    raw_q: Optional[Tensor]
+    raw_k: Optional[Tensor]
 
 
 class T2RSelfAttention(_LinearAttention):
@@ -128,14 +144,26 @@ class T2RSelfAttention(_LinearAttention):
 
     decay (decay.py): none, fixed, learned or gated decay of the state, g_t per head. A padded key
     position leaves the state as it was: its features are zero and its gate is 1.
+
+    window W > 0 (window_attention.py): each query attends with exact softmax to the last W
+    positions and linearly to older ones, in one normalisation, the linear scores weighted by
+    exp(log_balance) per head; decoding keeps a ring of the last W keys beside [S | z]. 0: off,
+    no new tensors, today's computation.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str = "t2r", feature_dim: int = 32,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, fold_feature_map: bool = True, decay: str = "none"):
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, fold_feature_map: bool = True, decay: str = "none",
+                 window: int = 0):
         super().__init__(embed_dim, num_heads, feature_map=feature_map, feature_dim=feature_dim)
         self.chunk_size = chunk_size
         self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap)
         self.decay = build_decay(decay, num_heads, embed_dim)
+        self.window = window
+        if window:
+            # beta = 1 / features: phi(q).phi(k) sums that many products, so one older key starts on the
+            # scale of a softmax key scoring ~0 and the window's high-scoring keys dominate a converted
+            # model at first; training (the attention-transfer criterion too) moves it.
+            self.log_balance = nn.Parameter(torch.full((num_heads,), -math.log(self.feature_map.feature_dim)))
 
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
@@ -143,41 +171,65 @@ class T2RSelfAttention(_LinearAttention):
                 before_softmax: bool = False, need_head_weights: bool = False) -> Tuple[Tensor, None]:
         """query: (time, batch, embed). Keys and values come from query, as in fairseq's
         self-attention (key and value are ignored); attn_mask is ignored: causal by construction."""
-        q, k, v1, log_g = self._project(query, key_padding_mask, incremental_state)
+        p = self._project(query, key_padding_mask, incremental_state)
+        if self.window:
+            return self._merge(self._window_attention(p, key_padding_mask, incremental_state)), None
         saved = self._saved_state(incremental_state)
-        if incremental_state is not None and q.size(2) == 1:
-            out, state = packed_linear_attention_step(q, k, v1, saved, log_g=log_g,
+        if incremental_state is not None and p.q.size(2) == 1:
+            out, state = packed_linear_attention_step(p.q, p.k, p.v1, saved, log_g=p.log_g,
                                                       inplace=not torch.is_grad_enabled())
         else:
-            out, state = packed_causal_linear_attention(q, k, v1, initial_state=saved, log_g=log_g,
+            out, state = packed_causal_linear_attention(p.q, p.k, p.v1, initial_state=saved, log_g=p.log_g,
                                                         chunk_size=self.chunk_size)
         if incremental_state is not None and state is not saved:
             self._save_state(incremental_state, state)
         return self._merge(out), None
 
+    def _window_attention(self, p: Projection, key_padding_mask: Optional[Tensor],
+                          incremental_state: IncrementalState) -> Tensor:
+        """window_attention.py's forms, as the plain path uses linear_attention.py's; the state is
+        [S | z] under "state" (as without a window), the ring and the count beside it."""
+        buffer = self._get_input_buffer(incremental_state)
+        saved = WindowState(buffer["state"], buffer["ring"], buffer["count"]) if buffer else None
+        kwargs = dict(window=self.window, log_balance=self.log_balance, log_g=p.log_g, padding=key_padding_mask)
+        if incremental_state is not None and p.q.size(2) == 1:
+            out, state = packed_window_attention_step(p.raw_q, p.raw_k, p.v1, p.q, p.k, saved,
+                                                      inplace=not torch.is_grad_enabled(), **kwargs)
+        else:
+            out, state = packed_window_attention(p.raw_q, p.raw_k, p.v1, p.q, p.k, initial_state=saved,
+                                                 chunk_size=self.chunk_size, **kwargs)
+        if incremental_state is not None and state is not saved:
+            self._set_input_buffer(incremental_state, {"state": state.packed, "ring": state.ring,
+                                                       "count": state.count})
+        return out
+
     def _project(self, x: Tensor, key_padding_mask: Optional[Tensor], incremental_state: IncrementalState
-                 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-        """phi(q), phi(k): (batch, heads, time, features), v1: (batch, heads, time, head_dim + 1) and
-        the log-gates (broadcasting to (batch, heads, time); None without decay), from one matmul."""
+                 ) -> Projection:
+        """phi(q), phi(k), v1, the log-gates and (with a window) the raw q and k, from one matmul."""
         weights = self._weights(incremental_state)
         qkv = nn.functional.linear(x, weights["weight"], weights["bias"])
         width = self.num_heads * self.feature_map.feature_dim if self.folded else self.embed_dim
         if self.folded:
             torch.relu_(qkv[..., :2 * width])  # the map's relu; its linear layer is in the weights
         gate_width = self.num_heads if self.decay is not None and self.decay.from_input else 0
-        q, k, v1, gate_logits = qkv.split([width, width, qkv.size(-1) - 2 * width - gate_width, gate_width], dim=-1)
+        raw_width = 2 * self.embed_dim if self.window and self.folded else 0  # unfolded: q and k are raw
+        q, k, v1, gate_logits, raw = qkv.split(
+            [width, width, qkv.size(-1) - 2 * width - gate_width - raw_width, gate_width, raw_width], dim=-1)
         q, k, v1 = self._heads(q), self._heads(k), self._heads(v1)
+        raw_q = raw_k = None
+        if self.window:
+            raw_q, raw_k = (self._heads(t) for t in raw.chunk(2, dim=-1)) if self.folded else (q, k)
         if not self.folded:
             q, k = self.feature_map(q), self.feature_map(k)
         log_g = self.decay.log_gates(gate_logits) if gate_width else weights.get("log_g")
         if log_g is not None and key_padding_mask is not None:
             log_g = log_g.masked_fill(key_padding_mask.bool()[:, None, :], 0.0)  # gate 1: a pad decays nothing
-        return q, self._drop_padding(k, key_padding_mask), v1, log_g
+        return Projection(q, self._drop_padding(k, key_padding_mask), v1, log_g, raw_q, raw_k)
 
     def _weights(self, incremental_state: IncrementalState) -> Dict[str, Tensor]:
         """What the forward pass derives from the parameters: (weight, bias) of the matmul
-        x -> [q | k | v1 | gate logits], folded if self.folded, and the per-head log-gates of a
-        fixed or learned decay.
+        x -> [q | k | v1 | gate logits (| raw q | raw k: folded, with a window)], folded if
+        self.folded, and the per-head log-gates of a fixed or learned decay.
 
         With autograd on they are built on every call, so gradients reach every parameter as in
         the textbook form. Without autograd, decoding builds them once per run and keeps them in
@@ -200,6 +252,8 @@ class T2RSelfAttention(_LinearAttention):
         rows = [(wq, bq), (wk, bk), self._value_weights()]
         if self.decay is not None and self.decay.from_input:
             rows.append((self.decay.weight.to(wq.dtype), self.decay.bias.to(wq.dtype)))
+        if self.window and self.folded:
+            rows += [(self.q_proj.weight, self.q_proj.bias), (self.k_proj.weight, self.k_proj.bias)]
         weights = {"weight": torch.cat([w for w, _ in rows]), "bias": torch.cat([b for _, b in rows])}
         if self.decay is not None and not self.decay.from_input:
             weights["log_g"] = self.decay.log_gates()

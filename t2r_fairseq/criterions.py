@@ -5,8 +5,8 @@ LoLCATs). The teacher is the task's `--convert-from` checkpoint.
 Each T2R layer is fed the teacher's own input to that layer, so every layer learns to imitate
 softmax attention independently of how well the layers below it already do. With
 `--attention-transfer-only-updates N`, the first N updates train only the new tensors (feature
-maps, and the gates of --t2r-decay) on the transfer term (the rest of the model stays exactly the
-teacher's); cross-entropy finetuning of everything follows.
+maps, the gates of --t2r-decay, the balances of --t2r-window) on the transfer term (the rest of the
+model stays exactly the teacher's); cross-entropy finetuning of everything follows.
 """
 import math
 from dataclasses import dataclass, field
@@ -28,8 +28,8 @@ class AttentionTransferConfig(CrossEntropyCriterionConfig):
     attention_transfer_weight: float = field(
         default=1.0, metadata={"help": "weight of the attention-transfer (MSE) term added to cross-entropy"})
     attention_transfer_only_updates: int = field(
-        default=0, metadata={"help": "first N updates train only the new tensors (feature maps, decay gates), on "
-                                      "the transfer term alone"})
+        default=0, metadata={"help": "first N updates train only the new tensors (feature maps, decay gates, "
+                                      "window balances), on the transfer term alone"})
 
 
 def _unwrap(layer):

@@ -3,7 +3,7 @@ generated from it), and T2ROptions, their values checked once when a model is bu
 
 T2RConfig holds what the user typed (names start with `t2r_`: fairseq routes `decoder_`/`encoder_`
 names into sub-configs); T2ROptions holds what the model uses (e.g. the softmax layers as a set of
-indices). A new option (a sliding window, a decay) is a field in each and a check in t2r_options.
+indices). A new option is a field in each and a check in t2r_options.
 """
 from dataclasses import dataclass, field
 from typing import FrozenSet
@@ -40,6 +40,11 @@ class T2RConfig(FairseqDataclass):
                                           "none (the paper's), fixed (a constant per head, RetNet's), learned "
                                           "(one trainable g per head) or gated (g_t from each position's "
                                           "input, as GLA); learned and gated start close to 1"})
+    t2r_window: int = field(
+        default=0, metadata={"help": "sliding window W of T2R self-attention: each position attends with exact "
+                                     "softmax to the last W positions (itself included) and linearly to older "
+                                     "ones, in one normalisation with a learned per-head balance (LoLCATs); "
+                                     "decoding keeps the last W keys beside the state. 0 = off (the paper's)"})
 
 
 # Every T2R flag's default, by field name (FairseqDataclass's own `_name` is not a flag).
@@ -60,6 +65,7 @@ class T2ROptions:
     softmax_layers: FrozenSet[int]  # decoder layers that keep softmax self-attention
     cross_attention: str
     decay: str  # of the T2R self-attention state
+    window: int  # of T2R self-attention: softmax over the last `window` positions; 0 = off
 
 
 class T2ROptionError(T2RUsageError):
@@ -103,6 +109,20 @@ def _decay(args, softmax_layers: FrozenSet[int]) -> str:
     return decay
 
 
+def _window(args, softmax_layers: FrozenSet[int]) -> int:
+    window = safe_getattr(args, "t2r_window", T2R_DEFAULTS["t2r_window"])
+    positions = safe_getattr(args, "max_target_positions", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0 or (positions and window > positions):
+        limit = f" and the model's {positions} positions (--max-target-positions or --tokens-per-sample)" \
+            if positions else ""
+        raise T2ROptionError(f"--t2r-window must be an integer between 0 (off){limit}, got {window!r}")
+    if window and len(softmax_layers) == args.decoder_layers:
+        raise T2ROptionError(f"--t2r-window {window} is a window of T2R self-attention, and every decoder layer "
+                             f"keeps softmax self-attention (--t2r-softmax-layers): drop --t2r-window or a layer "
+                             f"from --t2r-softmax-layers")
+    return window
+
+
 def t2r_options(args) -> T2ROptions:
     """The checked T2R options of model args (argparse Namespace or fairseq config; missing
     options take T2RConfig's defaults). Raises T2ROptionError naming the flag."""
@@ -112,4 +132,5 @@ def t2r_options(args) -> T2ROptions:
                       chunk_size=_positive_int(args, "t2r_chunk_size"),
                       softmax_layers=softmax_layers,
                       cross_attention=_choice(args, "t2r_cross_attention", CROSS_ATTENTION),
-                      decay=_decay(args, softmax_layers))
+                      decay=_decay(args, softmax_layers),
+                      window=_window(args, softmax_layers))

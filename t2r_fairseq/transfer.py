@@ -1,7 +1,7 @@
 """Softmax -> T2R weight transfer: the library behind the tasks' --convert-from and `t2r-convert`.
 
 Every tensor with the same name and shape is reused unchanged; only the feature maps (and a
-decay's gates) are new.
+decay's gates, a window's balance) are new.
 Anything else that does not line up is an error naming the tensor, never silently dropped.
 """
 import copy
@@ -19,8 +19,9 @@ from .checkpoints import CheckpointError, checkpoint_arch
 from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
 from .options import set_t2r_defaults
 
-# What a softmax transformer does not have: the feature maps, and the decay of the state (decay.py).
-NEW_KEY_MARKERS = (".feature_map.", ".decay.")
+# What a softmax transformer does not have: the feature maps, the decay of the state (decay.py) and
+# the window's balance between its softmax and linear parts (window_attention.py).
+NEW_KEY_MARKERS = (".feature_map.", ".decay.", ".log_balance")
 
 
 def is_new_tensor(name: str) -> bool:

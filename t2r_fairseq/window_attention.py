@@ -26,7 +26,6 @@ log(beta |phi(q_i).z_i|)) (no longer: exp(M_i) itself is never formed): every ex
 the denominator is >= 1, and nothing overflows however long the input. Decay stays in log space, as
 in linear_attention.py; the state and ring are kept in at least float32.
 """
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch

@@ -41,6 +41,18 @@ def _decode(module, x, prefix, state=None):
     return torch.cat(steps)
 
 
+def decode_reordered(module, x, order, split):
+    """Decode x[:split] step by step, reorder the state by `order` as beam search does, and decode the
+    rest of the permuted batch; returns (those outputs, the permuted batch's full forward over them)."""
+    with torch.no_grad():
+        state = {}
+        _decode(module, x[:split], 0, state)
+        module.reorder_incremental_state(state, order)
+        continued = torch.cat([module(x[t:t + 1, order], None, None, incremental_state=state)[0]
+                               for t in range(split, len(x))])
+        return continued, module(x[:, order], None, None)[0][split:]
+
+
 def _phi(module, proj, x):
     """(time, batch, .) -> phi(proj(x)): (batch, heads, time, features), written out."""
     y = proj(x).view(x.size(0), x.size(1), module.num_heads, module.head_dim).permute(1, 2, 0, 3)

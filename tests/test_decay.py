@@ -12,9 +12,9 @@ from helpers import MODEL, TINY_LM, TINY_LM_SOFTMAX, TRAIN, USER_DIR, build_mode
 from t2r_fairseq import linear_attention as la
 from t2r_fairseq.attention import T2RSelfAttention
 from t2r_fairseq.decay import DECAYS
-from test_attention import _decode, outputs_and_gradients
+from test_attention import _decode, decode_reordered, outputs_and_gradients
 from test_linear_attention import _inputs, _state
-from test_models import _incremental, _log_probs, _tokens
+from test_models import _incremental, _log_probs, _tokens, decoder_reordered
 
 DECAYING = [d for d in DECAYS if d != "none"]
 
@@ -242,15 +242,8 @@ def test_module_decoding_and_blocks_equal_full_forward(decay, fold):
 
 @pytest.mark.parametrize("decay", DECAYING)
 def test_module_reorder_equals_the_permuted_batch(decay):
-    attn = _attention(decay)
-    x = _x(time=10, batch=4)
     order = torch.tensor([2, 0, 3, 3])  # beam search also duplicates rows
-    with torch.no_grad():
-        state = {}
-        _decode(attn, x[:5], 0, state)
-        attn.reorder_incremental_state(state, order)
-        continued = torch.cat([attn(x[t:t + 1, order], None, None, incremental_state=state)[0] for t in range(5, 10)])
-        reference = attn(x[:, order], None, None)[0][5:]
+    continued, reference = decode_reordered(_attention(decay), _x(time=10, batch=4), order, 5)
     torch.testing.assert_close(continued, reference, rtol=1e-10, atol=1e-10)
 
 
@@ -286,7 +279,7 @@ def test_no_decay_has_no_tensors_and_calls_the_plain_math():
     assert attn.decay is None and not any(name.startswith("decay") for name in attn.state_dict())
     x = _x(time=70)
     with torch.no_grad():
-        q, k, v1, log_g = attn._project(x, None, None)
+        q, k, v1, log_g = attn._project(x, None, None)[:4]
         assert log_g is None
         out, _ = la.packed_causal_linear_attention(q, k, v1, chunk_size=attn.chunk_size)
         assert torch.equal(attn(x, x, x)[0], attn._merge(out))
@@ -344,14 +337,7 @@ def test_hybrid_decoder_with_decay_decodes_as_its_full_forward():
 
 @pytest.mark.parametrize("decay", DECAYING)
 def test_decoder_reorder_equals_decoding_the_permuted_batch(decay):
-    model = _model(decay)
-    tokens = _tokens(4, 12, 60, seed=1)
-    order = torch.tensor([2, 0, 3, 3])
-    with torch.no_grad():
-        _, state = _incremental(model, tokens[:, :6])
-        model.decoder.reorder_incremental_state_scripting(state, order)
-        continued, _ = _incremental(model, tokens[order], state=state, start=6)
-        reference = _log_probs(model, tokens[order])[:, 6:]
+    continued, reference = decoder_reordered(_model(decay), _tokens(4, 12, 60, seed=1), torch.tensor([2, 0, 3, 3]), 6)
     torch.testing.assert_close(continued, reference, rtol=1e-4, atol=1e-4)
 
 

@@ -26,6 +26,16 @@ def _incremental(model, tokens, state=None, start=0, **kwargs):
     return torch.cat(steps, dim=1), state
 
 
+def decoder_reordered(model, tokens, order, split):
+    """Decode tokens[:, :split] token by token, reorder the state by `order` as beam search does, and
+    decode the rest of the permuted batch; returns (those log-probs, the permuted batch's full forward's)."""
+    with torch.no_grad():
+        _, state = _incremental(model, tokens[:, :split])
+        model.decoder.reorder_incremental_state_scripting(state, order)
+        continued, _ = _incremental(model, tokens[order], state=state, start=split)
+        return continued, _log_probs(model, tokens[order])[:, split:]
+
+
 CASES = {
     "t2r": ("t2r_lm", TINY_LM),
     "elu": ("t2r_lm", TINY_LM + ["--t2r-feature-map", "elu"]),
@@ -59,15 +69,9 @@ def test_incremental_decoding_under_autograd_matches_too():
 
 @pytest.mark.parametrize("case", ["t2r", "hybrid"])
 def test_reorder_equals_decoding_permuted_batch(case):
-    arch, extra = CASES[case]
-    model, _ = build_model(arch, extra)
-    tokens = _tokens(4, 12, 60, seed=1)
+    model, _ = build_model(*CASES[case])
     order = torch.tensor([2, 0, 3, 3])  # beam search also duplicates rows
-    with torch.no_grad():
-        _, state = _incremental(model, tokens[:, :6])
-        model.decoder.reorder_incremental_state_scripting(state, order)
-        continued, _ = _incremental(model, tokens[order], state=state, start=6)
-        reference = _log_probs(model, tokens[order])[:, 6:]
+    continued, reference = decoder_reordered(model, _tokens(4, 12, 60, seed=1), order, 6)
     torch.testing.assert_close(continued, reference, rtol=1e-4, atol=1e-4)
 
 

@@ -3,15 +3,25 @@
 The math: the chunked form, the step-by-step form and the naive quadratic reference agree (values,
 final states and gradients, float64) for lengths around W and the chunk size, W = 1 and W >= length,
 with and without decay and an initial state; with W >= length it is causal softmax attention; padding
-enters no window, ring or state; 16k tokens stay finite and exact in float32 and bfloat16."""
+enters no window, ring or state; 16k tokens stay finite and exact in float32 and bfloat16. The module
+and whole decoders: the textbook form, the softmax teacher when the window covers the input, decoding
+token by token (and after a prefill) equals the full forward for every feature map, hybrids and decay,
+the state is constant in size, beam reordering equals the permuted batch, padding changes nothing.
+Options and conversion: the balances are named as new; bad values are one line."""
 import math
+import re
 
 import pytest
 import torch
 
+from helpers import (MODEL, TINY_LM, TINY_LM_SOFTMAX, TRAIN, USER_DIR, build_model, conversion_log, converter_log,
+                     run, save_checkpoint)
 from t2r_fairseq import linear_attention as la
 from t2r_fairseq import window_attention as wa
-from test_decay import _log_gates
+from t2r_fairseq.attention import T2RSelfAttention, prefill
+from test_attention import _decode, _out, _randomize, decode_reordered, outputs_and_gradients
+from test_decay import _expected_log_gates, _heads, _log_gates, _x
+from test_models import _incremental, _log_probs, _tokens, decoder_reordered
 
 
 def _window_inputs(batch, heads, time, head_dim=4, feat=3, seed=0, dtype=torch.float64, scale=1.0):
@@ -195,3 +205,238 @@ def test_sixteen_thousand_tokens_stay_finite_and_exact(dtype):
     step, _ = wa.packed_window_attention_step(*(t[:, :, -1:] for t in (q, k, v1, phi_q, phi_k)), before,
                                               **{**kwargs, "log_g": log_g[:, :, -1:]})
     torch.testing.assert_close(step.double(), ref[:, :, -1:], rtol=tol, atol=tol)
+
+
+# -- the attention module ----------------------------------------------------------------------------
+def _attention(window, decay="none", fold=True, feature_map="t2r", seed=0):
+    """A float64 T2RSelfAttention with a window, random weights and a balance that makes both parts count."""
+    torch.manual_seed(seed)
+    attn = _randomize(T2RSelfAttention(16, 2, feature_dim=4, feature_map=feature_map, decay=decay, window=window,
+                                       fold_feature_map=fold).double(), seed)
+    with torch.no_grad():
+        attn.log_balance.copy_(torch.tensor([-1.0, 1.0]))
+        if decay == "gated":
+            attn.decay.weight.normal_(0, 0.3)
+            attn.decay.bias.fill_(1.0)
+    return attn.eval()
+
+
+@pytest.mark.parametrize("decay", ["none", "gated"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_module_is_the_textbook_form(decay, fold):
+    attn = _attention(5, decay, fold)
+    x = _x(time=30)
+    with torch.no_grad():
+        q, k = _heads(attn, attn.q_proj(x)), _heads(attn, attn.k_proj(x))
+        v1 = la.with_ones_column(_heads(attn, attn.v_proj(x)))
+        log_g = _expected_log_gates(attn, decay, x) if decay != "none" else None
+        ref, _ = wa.naive_window_attention(q, k, v1, attn.feature_map(q), attn.feature_map(k), window=5,
+                                           log_balance=attn.log_balance, log_g=log_g)
+        torch.testing.assert_close(attn(x, x, x)[0], _out(attn, ref), rtol=1e-10, atol=1e-10)
+
+
+def test_window_covering_the_input_is_the_softmax_teacher():
+    """A converted layer whose window covers the input computes fairseq's own softmax attention with
+    the same projections: the window part takes the teacher's q, k, v and scaling unchanged."""
+    from fairseq.modules import MultiheadAttention
+
+    teacher = _randomize(MultiheadAttention(16, 2, self_attention=True).double())
+    student = T2RSelfAttention(16, 2, feature_dim=4, window=40).double()
+    student.load_state_dict({**student.state_dict(), **teacher.state_dict()})
+    x = _x(time=40)
+    causal = torch.full((40, 40), -torch.inf, dtype=torch.float64).triu(1)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, x, x)[0], teacher(x, x, x, attn_mask=causal)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("decay", ["none", "gated"])
+def test_folded_and_plain_agree_in_values_and_gradients(decay):
+    folded, plain = _attention(6, decay, fold=True), _attention(6, decay, fold=False)
+    assert folded.folded and not plain.folded
+    x = _x()
+    for a, b in zip(outputs_and_gradients(folded, x), outputs_and_gradients(plain, x)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert folded.log_balance.grad.abs().min() > 0  # the balance learns
+
+
+@pytest.mark.parametrize("decay", ["none", "gated"])
+@pytest.mark.parametrize("feature_map", ["t2r", "elu", "performer"])
+def test_module_decoding_and_blocks_equal_full_forward(decay, feature_map):
+    attn = _attention(8, decay, feature_map=feature_map)
+    x = _x(time=100)
+    full = attn(x, x, x)[0].detach()
+    with torch.no_grad():
+        for prefix in (0, 1, 5, 30):
+            torch.testing.assert_close(_decode(attn, x, prefix), full, rtol=1e-10, atol=1e-10)
+        state = {}  # a long input read block by block (stream scoring, chunked prefill)
+        blocks = torch.cat([attn(x[s:s + 7], None, None, incremental_state=state)[0] for s in range(0, 100, 7)])
+        torch.testing.assert_close(blocks, full, rtol=1e-10, atol=1e-10)
+    # Under autograd the step does not update in place; values are the same.
+    torch.testing.assert_close(_decode(attn, x[:20], 3), full[:20], rtol=1e-10, atol=1e-10)
+
+
+def test_module_reorder_equals_the_permuted_batch():
+    order = torch.tensor([2, 0, 3, 3])  # beam search also duplicates rows
+    continued, reference = decode_reordered(_attention(4, "gated"), _x(time=12, batch=4), order, 7)
+    torch.testing.assert_close(continued, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("decay", ["none", "gated"])
+def test_padding_never_enters_the_ring_or_the_state(decay):
+    """Left padding changes no real output; padding at a block's end (a stream's last block) and
+    padded decode steps leave the state as the real tokens left it, and what follows reads the same."""
+    attn = _attention(6, decay)
+    x, junk = _x(time=20, batch=2), _x(time=6, batch=2, seed=9)
+    with torch.no_grad():
+        out = attn(x, x, x)[0]
+        left = torch.cat([junk, x])
+        pad_first = torch.zeros(2, 26, dtype=torch.bool)
+        pad_first[1, :6] = True
+        torch.testing.assert_close(attn(left, None, None, key_padding_mask=pad_first)[0][6:, 1], out[:, 1],
+                                   rtol=1e-10, atol=1e-10)
+
+        clean, padded = {}, {}
+        attn(x[:12], None, None, incremental_state=clean)
+        right = torch.cat([x[:12], junk])
+        pad_last = torch.zeros(2, 18, dtype=torch.bool)
+        pad_last[:, 12:] = True
+        attn(right, None, None, key_padding_mask=pad_last, incremental_state=padded)
+        for t in range(3):  # padded decode steps, then real ones
+            attn(junk[t:t + 1], None, None, key_padding_mask=torch.ones(2, 1, dtype=torch.bool),
+                 incremental_state=padded)
+        assert all(torch.equal(a, b) for a, b in zip(attn._get_input_buffer(padded).values(),
+                                                     attn._get_input_buffer(clean).values()))
+        torch.testing.assert_close(_decode(attn, x[12:], 0, padded), out[12:], rtol=1e-10, atol=1e-10)
+
+
+def test_no_window_has_no_tensors_and_calls_the_plain_math():
+    """--t2r-window 0 is the model of before: the same tensors, the same state, the plain math."""
+    attn = T2RSelfAttention(16, 2, feature_dim=4).double()
+    assert not attn.window and set(attn.state_dict()) == set(T2RSelfAttention(16, 2, feature_dim=4).state_dict())
+    x = _x(time=70)
+    state = {}
+    with torch.no_grad():
+        p = attn._project(x, None, None)
+        assert p.raw_q is None and p.raw_k is None
+        out, _ = la.packed_causal_linear_attention(p.q, p.k, p.v1, chunk_size=attn.chunk_size)
+        assert torch.equal(attn(x, x, x, incremental_state=state)[0], attn._merge(out))
+    assert list(attn._get_input_buffer(state)) == ["state"]
+
+
+# -- whole decoders ----------------------------------------------------------------------------------
+def _model(window, extra=()):
+    model, _ = build_model("t2r_lm", TINY_LM + ["--t2r-window", window, *extra])
+    with torch.no_grad():  # both parts count: a wrong balance, ring or state shows
+        for name, p in model.named_parameters():
+            if name.endswith("log_balance"):
+                p.copy_(torch.tensor([-2.0, -1.0, 0.0, 1.0]))
+    return model
+
+
+DECODER_CASES = {
+    "t2r": [],
+    "elu": ["--t2r-feature-map", "elu"],
+    "rfa": ["--t2r-feature-map", "rfa"],
+    "hedgehog": ["--t2r-feature-map", "hedgehog"],
+    "performer": ["--t2r-feature-map", "performer"],
+    "hybrid": ["--t2r-softmax-layers", "1"],
+    "gated_decay": ["--t2r-decay", "gated"],
+}
+
+
+@pytest.mark.parametrize("case", DECODER_CASES)
+def test_decoder_decodes_token_by_token_as_its_full_forward(case):
+    model = _model(8, DECODER_CASES[case])
+    tokens = _tokens(3, 70, 60)  # past W and a chunk boundary (64)
+    with torch.no_grad():
+        full = _log_probs(model, tokens)
+        steps, _ = _incremental(model, tokens)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_then_decoding_equals_full_forward():
+    model = _model(8, ["--t2r-decay", "learned"])
+    tokens = _tokens(2, 40, 60)
+    with torch.no_grad():
+        full = _log_probs(model, tokens)
+        state = {}
+        prefilled = model.get_normalized_probs(prefill(model.decoder, tokens[:, :25], state), log_probs=True)
+        rest, _ = _incremental(model, tokens, state=state, start=25)
+    torch.testing.assert_close(torch.cat([prefilled, rest], dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_state_size_is_constant_in_prefix_length():
+    model = _model(8)
+    tokens = _tokens(1, 30, 60)
+    sizes = []
+    with torch.no_grad():
+        state = {}
+        for t in range(tokens.size(1)):
+            _log_probs(model, tokens[:, :t + 1], incremental_state=state)
+            sizes.append(sum(v.numel() for key, buf in state.items() if key.endswith("t2r_state")
+                             for v in buf.values()))
+    ring = 4 * 8 * (8 + 8 + 8 + 1 + 1)  # heads x W x [k | phi(k) | v1 | age]
+    assert len(set(sizes)) == 1 and sizes[0] == 2 * (4 * 8 * 9 + ring + 1)  # layers x ([S | z] + ring + count)
+
+
+def test_decoder_reorder_equals_decoding_the_permuted_batch():
+    model = _model(5, ["--t2r-decay", "gated"])
+    continued, reference = decoder_reordered(model, _tokens(4, 14, 60, seed=1), torch.tensor([2, 0, 3, 3]), 8)
+    torch.testing.assert_close(continued, reference, rtol=1e-4, atol=1e-4)
+
+
+# -- options and conversion --------------------------------------------------------------------------
+def test_conversion_names_the_balances_as_new():
+    from t2r_fairseq.transfer import transfer_softmax_weights
+
+    softmax, _ = build_model("transformer_lm", TINY_LM_SOFTMAX)
+    student = _model(8, ["--t2r-decay", "learned"])
+    new = set(transfer_softmax_weights(student, softmax.state_dict()))
+    assert new == {k for k in student.state_dict() if k.endswith(".log_balance") or ".feature_map." in k
+                   or ".decay." in k}
+    assert {"decoder.layers.0.self_attn.log_balance", "decoder.layers.1.self_attn.log_balance"} <= new
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--t2r-window", "-1"], "--t2r-window must be an integer between 0 (off) and the model's 512 positions"),
+    (["--t2r-window", "513"], "--t2r-window must be an integer between 0 (off) and the model's 512 positions"),
+    (["--t2r-window", "4", "--t2r-softmax-layers", "0,1"], "--t2r-window 4 is a window of T2R self-attention"),
+])
+def test_bad_windows_are_one_clear_error(extra, expect):
+    from t2r_fairseq.options import T2ROptionError
+
+    with pytest.raises(T2ROptionError, match=re.escape(expect)):
+        build_model("t2r_lm", TINY_LM + ["--tokens-per-sample", 512, *extra])
+
+
+def test_converter_with_a_window_as_typed(tmp_path):
+    """t2r-convert --t2r-window 8: the log names the balances as new; out of range is one line, nothing written."""
+    softmax, cfg = build_model("transformer_lm", TINY_LM_SOFTMAX)
+    teacher = save_checkpoint(tmp_path / "softmax.pt", softmax, cfg)
+    proc = run(["t2r-convert", "--input", teacher, "--output", tmp_path / "t2r.pt", "--t2r-window", 8])
+    assert {"decoder.layers.0.self_attn.log_balance", "decoder.layers.1.self_attn.log_balance"} <= \
+        converter_log(proc.stdout + proc.stderr)
+    assert torch.load(tmp_path / "t2r.pt", weights_only=False)["cfg"]["model"]["t2r_window"] == 8
+    bad = run(["t2r-convert", "--input", teacher, "--output", tmp_path / "bad.pt", "--t2r-window", -3], check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("t2r-convert: error: --t2r-window must be an integer")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_attention_transfer_with_a_window_as_typed(lm_workdir):
+    """fairseq-train --convert-from ... --t2r-window 8 with the attention-transfer criterion: the log
+    names the balances as new, and the transfer-only updates train them (and nothing of the teacher)."""
+    save = lm_workdir / "t2r_window"
+    proc = run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
+                "--convert-from", lm_workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *MODEL,
+                *[a for a in TRAIN if a not in ("--criterion", "adaptive_loss")], "--criterion",
+                "t2r_attention_transfer", "--attention-transfer-only-updates", 2, "--max-update", 2,
+                "--save-dir", save, "--t2r-window", 8])
+    _, new = conversion_log(proc.stdout + proc.stderr)
+    assert "decoder.layers.1.self_attn.log_balance" in new
+    student = torch.load(save / "checkpoint_last.pt", weights_only=False)["model"]
+    teacher = torch.load(lm_workdir / "softmax/checkpoint_last.pt", weights_only=False)["model"]
+    for name, value in teacher.items():
+        torch.testing.assert_close(student[name], value, rtol=0, atol=0)
+    start = T2RSelfAttention(32, 4, window=8).log_balance
+    assert not torch.equal(student["decoder.layers.1.self_attn.log_balance"].float(), start)
