@@ -73,7 +73,8 @@ def decode_rows(models, lengths, batches, *, vocab, side_by_side=False, seconds=
             for batch in batches:
                 measured = _in_turns(runs, batch, seconds)
                 rows += [dict(length=n, batch=batch, model=m, **row) for (m, n), row in measured.items()]
-                log(f"  B={batch} " + "  ".join(f"{m} L={n} {r['step_s'] * 1e3:.2f} ms" for (m, n), r in measured.items()))
+                log(f"  B={batch} " + "  ".join(f"{m} L={n} {r['step_s'] * 1e3:.2f} ms"
+                                                for (m, n), r in measured.items()))
             del runs  # before the next prefill: long caches are large
     return rows
 

@@ -1,9 +1,7 @@
-"""Timing and memory primitives shared by the benchmarks.
-
-Peak memory on CPU (torch's allocator keeps no statistics there, and RSS mixes in the Python heap
-and cached pages) is the running sum of torch.profiler's allocation events (+bytes, -bytes) inside
-the measured call: the peak of tensor bytes allocated on top of what was live when it started.
-"""
+"""Timing and memory primitives shared by the benchmarks. Peak memory on CPU (torch's allocator keeps
+no statistics there, and RSS mixes in the Python heap) is the running peak of torch.profiler's
+allocation events (+bytes, -bytes) inside the measured call, above what was live when it started."""
+import itertools
 import statistics
 import time
 
@@ -17,11 +15,7 @@ def peak_bytes(fn) -> int:
     # kineto's raw events keep the order of allocations and frees; FunctionEvent aggregates lose it.
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    return max(itertools.accumulate((nbytes for _, nbytes in events), initial=0))
 
 
 def timed(fn):

@@ -1,14 +1,8 @@
-"""The models the benchmarks compare, built in one process with identical shapes and, wherever the
-shapes allow, identical weights:
-
-- softmax: fairseq's `transformer_lm` (its MultiheadAttention, key/value cache while decoding);
-- t2r:     `t2r_lm`, the softmax model's weights plus T2R feature maps;
-- t2r_fixed, t2r_learned, t2r_gated: t2r with `--t2r-decay` fixed, learned or gated (the same
-           weights; the decay's tensors are new);
-- floor:   the softmax model with the attention *mixing* removed (projections, FFN, layer norms and
-           output layer kept; each position's output is out_proj(v)). No attention variant can do
-           less work per token, so T2R/floor is the price of its recurrence.
-"""
+"""The models the benchmarks compare, built in one process with identical shapes and weights:
+softmax (fairseq's `transformer_lm`, a key/value cache while decoding); t2r (`t2r_lm`: the softmax
+weights plus T2R feature maps); t2r_fixed, t2r_learned, t2r_gated (t2r with that `--t2r-decay`, the
+decay's tensors new); floor (the softmax model without attention *mixing*: each position's output is
+out_proj(v)): no attention variant does less work per token, so T2R/floor is the price of recurrence."""
 import copy
 import pathlib
 from types import SimpleNamespace
@@ -53,7 +47,8 @@ def build_models(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, max_pos
     models = {"softmax": build("transformer_lm")}
     for name in (n for n in names if n.startswith("t2r")):
         # A decay's initialisation draws no random numbers: every t2r model gets the same feature maps.
-        models[name] = build("t2r_lm", "--t2r-feature-dim", feature_dim, "--t2r-decay", name.partition("_")[2] or "none")
+        decay = name.partition("_")[2] or "none"
+        models[name] = build("t2r_lm", "--t2r-feature-dim", feature_dim, "--t2r-decay", decay)
         transfer_softmax_weights(models[name], models["softmax"].state_dict())
     if "floor" in names:
         models["floor"] = with_self_attention(
@@ -78,10 +73,9 @@ def t2r_twin(model, **options):
 
 
 def prefill(model, tokens, chunk=256):
-    """The incremental state after reading `tokens` (batch, time) in one parallel forward pass.
-    T2R modules read the prefix through their multi-token incremental path (attention.prefill, the
-    one stream scoring uses). fairseq's softmax modules, given an incremental state, read only the
-    last token, so each is fed its own input again in chunks to build its key/value cache."""
+    """The incremental state after reading `tokens` (batch, time) in one parallel forward pass: T2R
+    through its multi-token incremental path (attention.prefill); fairseq's softmax modules, given an
+    incremental state, read only the last token, so each is fed its own input in chunks."""
     state = {}
 
     def fill_cache(module, args, kwargs, _output):

@@ -16,7 +16,8 @@ TIME_NOTE = ("Times are process CPU time of one torch thread, the median over fo
 DECAY_FLOOR = {"t2r_fixed": 1.05, "t2r_learned": 1.05, "t2r_gated": 1.15}  # target: decode step / floor's
 FLAT = 1.10  # target: decode step after the longest prefix / after the shortest
 LABELS = {"softmax": "softmax", "t2r": "T2R", "floor": "floor"}
-ms, us, kib, two = (lambda v: f"{v * 1e3:.2f}"), (lambda v: f"{v * 1e6:.1f}"), (lambda v: f"{v / 1024:.1f}"), "{:.2f}".format
+ms, us, kib = (lambda v: f"{v * 1e3:.2f}"), (lambda v: f"{v * 1e6:.1f}"), (lambda v: f"{v / 1024:.1f}")
+two = "{:.2f}".format
 
 
 def field(name, fmt=str):
@@ -106,9 +107,10 @@ def write_decode(out, header, checks, decode, constant, decay, generate):
         short, long = min(n for n, _, _ in d), max(n for n, _, _ in d)
         items = [dict(batch=b, model=m, s=d[(short, b, m)], n=d[(long, b, m)], fs=d[(short, b, "floor")],
                       fn=d[(long, b, "floor")]) for b in batches for m in dict.fromkeys(m for _, _, m in d)]
-        lines += table([("batch", field("batch")), ("model", field("model")), (f"L={short} ms", at("s", "step_s", ms)),
-                        (f"L={long} ms", at("n", "step_s", ms)), (f"/ floor at L={short}", over("s", "fs")),
-                        (f"/ floor at L={long}", over("n", "fn")), ("longest / shortest", over("n", "s"))], items,
+        lines += table([("batch", field("batch")), ("model", field("model")),
+                        (f"L={short} ms", at("s", "step_s", ms)), (f"L={long} ms", at("n", "step_s", ms)),
+                        (f"/ floor at L={short}", over("s", "fs")), (f"/ floor at L={long}", over("n", "fn")),
+                        ("longest / shortest", over("n", "s"))], items,
                        "Decay of the state (--t2r-decay): time per decode step", "T2R with each decay (same weights), "
                        "plain T2R and the floor, all taking turns at the shortest and the longest prefix.")
     goals = []
@@ -116,7 +118,8 @@ def write_decode(out, header, checks, decode, constant, decay, generate):
         worst, n = max((ratio(t[(n, b, "t2r")], t[(n, b, "floor")]), n) for n in lengths)
         goals += [(f"T2R step at prefix 8192 within {FLAT:.2f}x of prefix 128, batch {b} (side by side)",
                    ratio(c.get((8192, b)), c.get((128, b))), lambda x: x <= FLAT),
-                  (f"T2R within 1.15x of the floor at every length, batch {b} (worst: L={n})", worst, lambda x: x <= 1.15)]
+                  (f"T2R within 1.15x of the floor at every length, batch {b} (worst: L={n})", worst,
+                   lambda x: x <= 1.15)]
     goals += [(f"T2R >= {goal}x faster than softmax at prefix {n}, batch {b}",
                ratio(t.get((n, b, "softmax")), t.get((n, b, "t2r"))), lambda x, goal=goal: x >= goal)
               for n, b, goal in ((4096, 1, 4), (2048, 16, 10))] if decode else []
@@ -171,8 +174,8 @@ def _plot(path, t, lengths, batches):
 def write_train(out, header, checks, train):
     lines, t = checks_table(checks), by(train, "level", "length", "form")
     for level in ("layer", "model"):
-        items = [dict(length=n, batch=t[(level, n, "t2r")]["batch"], **{f: t.get((level, n, f)) for f in
-                                                                         ("softmax", "t2r", "t2r-naive") + DECAY_MODELS})
+        forms = ("softmax", "t2r", "t2r-naive") + DECAY_MODELS
+        items = [dict(length=n, batch=t[(level, n, "t2r")]["batch"], **{f: t.get((level, n, f)) for f in forms})
                  for n in sorted({n for lv, n, _ in t if lv == level})]
         for forms, ratios, title in (
                 (("softmax", "t2r", "t2r-naive"), [("softmax / t2r", over("softmax", "t2r", "token_s")),
@@ -205,7 +208,8 @@ def write_memory(out, header, memory):
                    ("increment (peak - baseline)", field("increment_bytes", human_bytes)),
                    ("CPU s", field("seconds", "{:.1f}".format)), ("wall s", field("wall", "{:.1f}".format))], memory)
     # An increment can be 0 (or a page negative): the generation then fit in pages already resident.
-    lines += table([("model", field("model")), (f"peak({long}) / peak({short})", over("n", "s", "peak_bytes", "{:.3f}".format)),
+    lines += table([("model", field("model")),
+                    (f"peak({long}) / peak({short})", over("n", "s", "peak_bytes", "{:.3f}".format)),
                     (f"increment({long}) / increment({short})", lambda x: two(ratio(x["n"], x["s"], "increment_bytes"))
                      if x["s"]["increment_bytes"] > 0 else "-"),
                     (f"increment({long}) - increment({short})",
