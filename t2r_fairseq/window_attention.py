@@ -116,8 +116,8 @@ def packed_window_attention(q: Tensor, k: Tensor, v1: Tensor, phi_q: Tensor, phi
                             chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tuple[Tensor, WindowState]:
     """Chunked form: memory linear in length, never a T x T matrix. Chunks are C = max(chunk_size,
     W) long (shorter for short inputs), so a query's window lies in its own chunk and the one before:
-    chunk n reads (C x 2C) softmax and linear scores over chunks n-1 and n, and the linear state
-    before chunk n-1. The initial state's ring, oldest key first, is chunk -1 (its keys' ages
+    chunk n reads (C x 2C) softmax scores over chunks n-1 and n, linear scores over the older keys
+    among them, and the linear state before chunk n-1. The initial state's ring, oldest key first, is chunk -1 (its keys' ages
     already applied to phi(k), its log-gates 0), and its [S | z] the state before it.
 
     The final state holds the last W non-padded keys in the ring and every earlier one in [S | z]:
@@ -150,6 +150,13 @@ def packed_window_attention(q: Tensor, k: Tensor, v1: Tensor, phi_q: Tensor, phi
     def local(x: Tensor) -> Tensor:  # chunks n-1 and n side by side: (b, h, n, 2C, .)
         return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
 
+    # Keys that chunk n reads linearly: those of chunks n-1 and n at least W before the query; with
+    # W = C (the usual case: C = max(chunk_size, W)) none of chunk n, so chunk n-1 alone.
+    span = chunk if window == chunk else 2 * chunk
+
+    def older(x: Tensor) -> Tensor:  # (b, h, n, span, .)
+        return x[:, :, :-1] if span == chunk else local(x)
+
     kc, phic, vc = chunked(keys), chunked(phi), chunked(values)
     valid_c = valid.view(batch, 1, n_chunks + 1, chunk)
     qc = torch.nn.functional.pad(q.to(acc), (0, 0, 0, tail)).view(batch, heads, n_chunks, chunk, head_dim)
@@ -160,9 +167,9 @@ def packed_window_attention(q: Tensor, k: Tensor, v1: Tensor, phi_q: Tensor, phi
     scores = (qc @ local(kc).transpose(-1, -2)) * head_dim ** -0.5
     scores = scores.masked_fill(~in_window, -torch.inf)
 
-    linear_scores = phi_qc @ local(phic).transpose(-1, -2)
+    linear_scores = phi_qc @ older(phic).transpose(-1, -2)
     if log_g is None:
-        linear_scores = linear_scores.masked_fill(distance < window, 0.0)
+        linear_scores = linear_scores.masked_fill(distance[:, :span] < window, 0.0)
         kept = phic  # each key as it is at its chunk's end
         chunk_log_decay = None
     else:
@@ -170,7 +177,8 @@ def packed_window_attention(q: Tensor, k: Tensor, v1: Tensor, phi_q: Tensor, phi
         totals = c[..., -1]
         c_local = torch.cat([c[:, :, :-1], c[:, :, :-1, -1:] + c[:, :, 1:]], dim=-1)  # (b, h, n, 2C)
         c_query = c_local[..., chunk:]
-        decay = (c_query.unsqueeze(-1) - c_local.unsqueeze(-2)).masked_fill(distance < window, -torch.inf).exp()
+        decay = (c_query.unsqueeze(-1) - c_local[..., :span].unsqueeze(-2))
+        decay = decay.masked_fill(distance[:, :span] < window, -torch.inf).exp()
         linear_scores = linear_scores * decay
         kept = phic * (totals.unsqueeze(-1) - c).exp().unsqueeze(-1)
         phi_qc = phi_qc * c_query.exp().unsqueeze(-1)  # what reads the state before chunk n-1
@@ -178,7 +186,7 @@ def packed_window_attention(q: Tensor, k: Tensor, v1: Tensor, phi_q: Tensor, phi
     chunk_kv = kept.transpose(-1, -2) @ vc
     before = _states_before(chunk_kv[:, :, :-1], state.packed,
                             None if chunk_log_decay is None else chunk_log_decay[:, :, :-1])
-    linear = linear_scores @ local(vc) + phi_qc @ before
+    linear = linear_scores @ older(vc) + phi_qc @ before
 
     log_balance = _head_column(log_balance, acc).unsqueeze(-1)  # (1, h, 1, 1): over chunks and queries
     out = _combine(scores, local(vc), linear, log_balance)

@@ -14,14 +14,14 @@ import re
 import pytest
 import torch
 
-from helpers import (MODEL, TINY_LM, TINY_LM_SOFTMAX, TRAIN, USER_DIR, build_model, conversion_log, converter_log,
+from helpers import (MODEL, TINY_LM, TINY_LM_SOFTMAX, TINY_MT, TRAIN, USER_DIR, build_model, conversion_log, converter_log,
                      run, save_checkpoint)
 from t2r_fairseq import linear_attention as la
 from t2r_fairseq import window_attention as wa
 from t2r_fairseq.attention import T2RSelfAttention, prefill
 from test_attention import _decode, _out, _randomize, decode_reordered, outputs_and_gradients
 from test_decay import _expected_log_gates, _heads, _log_gates, _x
-from test_models import _incremental, _log_probs, _tokens, decoder_reordered
+from test_models import _incremental, _left_padded_sources, _log_probs, _targets, _tokens, decoder_reordered
 
 
 def _window_inputs(batch, heads, time, head_dim=4, feat=3, seed=0, dtype=torch.float64, scale=1.0):
@@ -351,6 +351,18 @@ def test_decoder_decodes_token_by_token_as_its_full_forward(case):
     with torch.no_grad():
         full = _log_probs(model, tokens)
         steps, _ = _incremental(model, tokens)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+def test_translation_decoder_with_a_window_decodes_as_its_full_forward():
+    model = build_model("t2r_transformer", TINY_MT + ["--t2r-window", 5], task="translation")[0]
+    d = model.decoder.dictionary
+    src, lengths = _left_padded_sources([9, 5, 1, 7], d.pad(), d.eos())
+    tgt = _targets(4, 20, d.eos())
+    with torch.no_grad():
+        enc = model.encoder(src, src_lengths=lengths)
+        full = _log_probs(model, tgt, encoder_out=enc)
+        steps, _ = _incremental(model, tgt, encoder_out=enc)
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
 
 
