@@ -21,9 +21,10 @@ in parallel and continue step by step. The state is constant in size whatever th
 linear state [S | z] of every key older than the window (linear_attention.py's), a ring buffer of the
 last W keys, and per row the number of keys seen. A key leaves the ring exactly when it enters [S | z].
 
-Numerics: with m_i the window's largest score, both parts are divided by exp(M_i), M_i = max(m_i,
-log(beta |phi(q_i).z_i|)) (no longer: exp(M_i) itself is never formed): every exponent taken is <= 0,
-the denominator is >= 1, and nothing overflows however long the input. Decay stays in log space, as
+Numerics: with m_i the window's largest score, numerator and denominator are both divided by
+exp(M_i), M_i = max(m_i, log(beta |phi(q_i).z_i|)) (z_i: the linear normalizer), exp(M_i) itself never
+formed: every softmax exponent is <= 0, the linear part is scaled to at most the denominator, which is
+>= 1, and nothing overflows however long the input or large the scores. Decay stays in log space, as
 in linear_attention.py; the state and ring are kept in at least float32.
 """
 from typing import NamedTuple, Optional, Tuple
