@@ -126,6 +126,8 @@ WIKITEXT2_ROWS = (
     ("t2r_decay_learned", "T2R + pretrain, learned decay", "32"),
     ("t2r_decay_gated", "T2R + pretrain, gated decay", "32"),
     ("t2r_carried", "T2R + pretrain, gated decay, carried-state training", "32"),
+    ("t2r_window", "T2R + pretrain, softmax window 64 + linear", "32"),
+    ("t2r_window_transfer", "T2R + pretrain, softmax window 64 + linear, attention transfer", "32"),
 )
 
 

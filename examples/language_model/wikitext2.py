@@ -7,7 +7,8 @@ teacher's updates; T2R from random init for the same number of updates and for a
 teacher; the teacher trained on for the finetuning budget (the fair baseline); and, beyond the
 paper, attention transfer, a hybrid, Hedgehog and Performer maps; and for long context, decay on
 the state (learned, gated) and the gated model trained with its state carried across batches
-(`--task t2r_truncated_bptt_lm`). Each row's dev/test perplexity comes from fairseq-eval-lm
+(`--task t2r_truncated_bptt_lm`); and a sliding softmax window inside each layer (`--t2r-window 64`,
+plain and with attention transfer). Each row's dev/test perplexity comes from fairseq-eval-lm
 (`--context-window`); every all-recurrent row is also scored with its state carried across the
 whole test split (`fairseq-eval-lm --task t2r_truncated_bptt_lm`, `test_ppl_carried`). Results accumulate in results/wikitext2.json after every row, so an interrupted run continues where it stopped
 (`--force ROW` reruns one).
@@ -155,6 +156,12 @@ def main(argv=None):
         "t2r_decay_learned": (t2r + convert + ["--t2r-decay", "learned"], n_finetune, args.finetune_lr),
         "t2r_decay_gated": (t2r + convert + ["--t2r-decay", "gated"], n_finetune, args.finetune_lr),
         "t2r_carried": (t2r_streams + convert + ["--t2r-decay", args.carried_decay], n_finetune, args.finetune_lr),
+        # Exact softmax over the last 64 positions and linear attention for older ones, in one layer
+        # (LoLCATs-style); with the attention-transfer term from the first update, the best
+        # distillation at this budget.
+        "t2r_window": (t2r + convert + ["--t2r-window", "64"], n_finetune, args.finetune_lr),
+        "t2r_window_transfer": (t2r + convert + ["--t2r-window", "64", "--criterion", "t2r_attention_transfer"],
+                                n_finetune, args.finetune_lr),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
@@ -198,6 +205,7 @@ def main(argv=None):
             row["feature_dim"] = args.feature_dim
             row["decay"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-decay"), "none")
             row["carried_state_training"] = "t2r_truncated_bptt_lm" in extra
+            row["window"] = int(next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-window"), 0))
         if name != "teacher":
             row["init"] = "teacher" if {"--convert-from", "--finetune-from-model"} & set(extra) else "random"
         log(f"{name}: {row}")
