@@ -12,8 +12,7 @@ def _diff(*pairs):
 
 
 def run_checks(models, *, vocab, prefix=96, steps=8, seed=0, log=print):
-    """[(what, max |difference|, tolerance)] for the math, every model and the T2R fast paths; logs each
-    and stops the run (SystemExit) if one is out of tolerance."""
+    """[(what, max |difference|, tolerance)], logged; stops the run (SystemExit) if one is out of tolerance."""
     results = []
     g = torch.Generator().manual_seed(seed)
 

@@ -10,11 +10,12 @@ state simply keeps going.
 """
 import functools
 import itertools
+import statistics
 
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
-from .measure import medians, peak_bytes, timed
+from .measure import peak_bytes, row_line, timed
 from .models import prefill, state_bytes
 
 
@@ -32,8 +33,7 @@ def _expand(model, state, batch):
 
 
 def _in_turns(runs, batch, seconds, min_steps=6, max_steps=200):
-    """runs {key: (model, prefix state, tokens (1, L + 1))} -> {key: row}: decode steps at `batch` taking
-    turns, each as many as fit in `seconds`; median CPU and wall seconds, state bytes, peak bytes in a step."""
+    """runs {key: (model, prefix state, tokens (1, L + 1))} -> {key: row}: decode steps at `batch` taking turns."""
     turns, rows = [], {}
     for key, (model, prefix, tokens) in runs.items():
         state = {}
@@ -55,14 +55,14 @@ def _in_turns(runs, batch, seconds, min_steps=6, max_steps=200):
                 put_back()
                 rows[key]["times"].append(timed(step))
     for row in rows.values():
-        row["wall_s"], row["step_s"] = medians(row.pop("times"))
+        walls, cpus = zip(*row.pop("times"))
+        row.update(step_s=statistics.median(cpus), wall_s=statistics.median(walls))
     return rows
 
 
 def decode_rows(models, lengths, batches, *, vocab, side_by_side=False, seconds=3.0, seed=0, log=print):
-    """One row per (L, B, model): median CPU and wall seconds per step, state bytes, peak bytes in a
-    step. The models take turns at each L; side_by_side: every (model, L) with every other, so that
-    cost(L) / cost(shortest) is free of the drift of machine load between lengths."""
+    """One row per (L, B, model), the models taking turns at each L; side_by_side: every (model, L) with
+    every other, so that cost(L) / cost(shortest) is free of the drift of machine load between lengths."""
     tokens = torch.randint(4, vocab, (1, max(lengths) + 1), generator=torch.Generator().manual_seed(seed))
     pairs = [[(m, n) for m in models] for n in lengths]
     groups = [sum(pairs, [])] if side_by_side else pairs
@@ -71,17 +71,15 @@ def decode_rows(models, lengths, batches, *, vocab, side_by_side=False, seconds=
         for group in groups:
             runs = {(m, n): (models[m], prefill(models[m], tokens[:, :n]), tokens[:, :n + 1]) for m, n in group}
             for batch in batches:
-                measured = _in_turns(runs, batch, seconds)
-                rows += [dict(length=n, batch=batch, model=m, **row) for (m, n), row in measured.items()]
-                log(f"  B={batch} " + "  ".join(f"{m} L={n} {r['step_s'] * 1e3:.2f} ms"
-                                                for (m, n), r in measured.items()))
+                for (m, n), row in _in_turns(runs, batch, seconds).items():
+                    rows.append(dict(length=n, batch=batch, model=m, **row))
+                    log(row_line(rows[-1]))
             del runs  # before the next prefill: long caches are large
     return rows
 
 
 def sequence_generation(model, *, length, beam=1):
-    """A call that has fairseq's SequenceGenerator (no_grad by itself) produce exactly `length` tokens
-    (min_len = max_len) from a one-token prompt, batch 1; it returns the best hypothesis's tokens (with eos)."""
+    """A call generating exactly `length` tokens with fairseq's SequenceGenerator; returns the best hypothesis."""
     dictionary = model.decoder.dictionary
     sample = {"net_input": {"src_tokens": torch.tensor([[dictionary.eos()]]), "src_lengths": torch.tensor([1])}}
     generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=length, min_len=length)
@@ -89,12 +87,12 @@ def sequence_generation(model, *, length, beam=1):
 
 
 def generation_rows(models, *, length, beams, log=print):
-    """sequence_generation for every model and beam size; CPU and wall time of one run after a warm-up."""
+    """sequence_generation for every model and beam size; CPU time of one run after a warm-up."""
     rows = []
     for beam, (name, model) in itertools.product(beams, models.items()):
         generate, tokens = sequence_generation(model, length=length, beam=beam), []
         sequence_generation(model, length=8, beam=beam)()  # warm-up
-        wall, cpu = timed(lambda: tokens.append(generate()))
-        rows.append(dict(model=name, beam=beam, length=tokens[0].numel(), seconds=cpu, wall=wall))
-        log(f"  beam={beam} {name}: {tokens[0].numel()} tokens in {cpu:.2f} s CPU ({wall:.2f} s wall)")
+        cpu = timed(lambda: tokens.append(generate()))[1]
+        rows.append(dict(model=name, beam=beam, length=tokens[0].numel(), seconds=cpu))
+        log(row_line(rows[-1]))
     return rows

@@ -19,6 +19,10 @@ import subprocess
 import sys
 import warnings
 
+import torch
+
+from .measure import row_line, timed
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -30,14 +34,9 @@ def _peak_rss_bytes():
 
 
 def _measure(model_name, length, max_positions, threads, shape):
-    """One (model, N) measurement, in this process: dict of bytes and seconds."""
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # before fairseq's import-time chatter
-
-    import torch
-
     from .decode import sequence_generation
-    from .measure import timed
     from .models import build_models
 
     torch.set_num_threads(threads)
@@ -63,8 +62,7 @@ def memory_rows(lengths, *, threads, shape, models=("softmax", "t2r"), log=print
         proc = subprocess.run([sys.executable, "-m", "benchmarks.generation_memory", json.dumps(spec)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True, check=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        log(f"  {name} N={length}: peak RSS {rows[-1]['peak_bytes'] / 2 ** 20:.1f} MiB, "
-            f"+{rows[-1]['increment_bytes'] / 2 ** 20:.1f} MiB while generating")
+        log(row_line(rows[-1]))
     return rows
 
 

@@ -2,7 +2,6 @@
 no statistics there, and RSS mixes in the Python heap) is the running peak of torch.profiler's
 allocation events (+bytes, -bytes) inside the measured call, above what was live when it started."""
 import itertools
-import statistics
 import time
 
 from torch.profiler import ProfilerActivity, profile
@@ -26,9 +25,9 @@ def timed(fn):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def medians(pairs):
-    """Median wall and median CPU seconds of a list of timed() results."""
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+def row_line(row):
+    """A measured row as one progress line."""
+    return "  " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
 
 
 def human_bytes(n: float) -> str:

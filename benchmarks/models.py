@@ -66,8 +66,7 @@ def with_self_attention(model, build):
 
 
 def t2r_twin(model, **options):
-    """A copy of the plain T2R `model` with its self-attention built with other constructor options
-    (chunk_size, fold_feature_map): same weights, same feature map."""
+    """A copy of the T2R `model` with other self-attention options (chunk_size, fold_feature_map), same weights."""
     return with_self_attention(model, lambda old: T2RSelfAttention(
         old.embed_dim, old.num_heads, feature_dim=old.feature_map.feature_dim, **options))
 
@@ -96,8 +95,7 @@ def prefill(model, tokens, chunk=256):
 
 
 def state_bytes(state):
-    """Bytes of the per-sequence tensors of a fairseq incremental state (kv cache or T2R state); T2R's
-    projection weights, kept there once per run for all sequences, are not counted."""
+    """Bytes of the per-sequence tensors of an incremental state (not T2R's shared projection weights)."""
     return sum(t.numel() * t.element_size() for key, buf in state.items()
                if isinstance(buf, dict) and not key.endswith(".t2r_projection")
                for t in buf.values() if torch.is_tensor(t))

@@ -1,6 +1,4 @@
-"""The reports: a markdown file per benchmark (tables, targets, the decode plot) and the rows behind it
-as JSON beside it, which tools.readme builds the README's tables from. A table is data: columns
-(header, cell of an item) and items, each a dict of what one line shows."""
+"""The reports: markdown per benchmark and its rows as JSON beside it; a table: columns (head, cell(item)), items."""
 import json
 
 from tools import kit
@@ -11,10 +9,10 @@ from . import train as train_module
 from .measure import human_bytes
 from .models import DECAY_MODELS
 
-TIME_NOTE = ("Times are process CPU time of one torch thread, the median over forms taking turns: with one thread "
-             "CPU time is the work itself, while wall time (given beside it) adds the waits for a core.")
+TIME_NOTE = "Times are process CPU time of one torch thread (the work itself), the median over forms taking turns."
 DECAY_FLOOR = {"t2r_fixed": 1.05, "t2r_learned": 1.05, "t2r_gated": 1.15}  # target: decode step / floor's
 FLAT = 1.10  # target: decode step after the longest prefix / after the shortest
+TRAIN_FORMS = ("softmax", "t2r", "t2r-naive") + DECAY_MODELS
 LABELS = {"softmax": "softmax", "t2r": "T2R", "floor": "floor"}
 ms, us, kib = (lambda v: f"{v * 1e3:.2f}"), (lambda v: f"{v * 1e6:.1f}"), (lambda v: f"{v / 1024:.1f}")
 two = "{:.2f}".format
@@ -61,8 +59,7 @@ def checks_table(checks):
 
 
 def write(out, name, header, title, module, lines, **rows):
-    """<name>.md (title, how and where it was measured, the method: `module`'s docstring, `lines`) and
-    <name>.json (the header and the rows)."""
+    """<name>.md (title, machine, the method: `module`'s docstring, `lines`) and <name>.json (header, rows)."""
     end = kit.load_average()
     top = [f"# {title}", "", f"Command: `{header['command']}` ({header['date']})", "",
            f"Machine: {header['machine']}; 1-minute load average at the start {header['load_start']:.2f}, "
@@ -136,8 +133,7 @@ def write_decode(out, header, checks, decode, constant, decay, generate):
     lines += table([("beam", field("beam")), ("tokens", lambda x: x["t2r"]["length"]),
                     ("softmax s", at("softmax", "seconds", two)), ("T2R s", at("t2r", "seconds", two)),
                     ("softmax / T2R", over("softmax", "t2r", "seconds")),
-                    ("T2R tokens/s", lambda x: f"{x['t2r']['length'] / x['t2r']['seconds']:.0f}"),
-                    ("wall s: softmax / T2R", lambda x: f"{x['softmax']['wall']:.1f} / {x['t2r']['wall']:.1f}")],
+                    ("T2R tokens/s", lambda x: f"{x['t2r']['length'] / x['t2r']['seconds']:.0f}")],
                    [dict(beam=beam, softmax=g[("softmax", beam)], t2r=g[("t2r", beam)]) for beam in
                     sorted({beam for _, beam in g})], "End to end: fairseq SequenceGenerator", "Batch 1, one-token "
                    "prompt, exactly the given number of tokens (min_len = max_len), beam search reordering the "
@@ -151,17 +147,11 @@ def _plot(path, t, lengths, batches):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(5 * (len(batches) + 1), 4))
-    for ax, b in zip(axes, batches):
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
         for m, style in (("softmax", "o-"), ("t2r", "s-"), ("floor", "^--")):
             ax.loglog(lengths, [t[(n, b, m)]["step_s"] * 1e3 for n in lengths], style, label=m)
         ax.set(xlabel="prefix length", ylabel="ms per decode step (CPU time)", title=f"batch {b}")
-    for b in batches:
-        for m, style, label in (("softmax", "o-", "softmax kv cache"), ("t2r", "s-", "T2R state")):
-            axes[-1].loglog(lengths, [t[(n, b, m)]["state_bytes"] / 2 ** 20 for n in lengths], style,
-                            label=f"{label}, batch {b}")
-    axes[-1].set(xlabel="prefix length", ylabel="MiB held", title="decode state: kv cache vs T2R state")
-    for ax in axes:
         ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -174,18 +164,15 @@ def _plot(path, t, lengths, batches):
 def write_train(out, header, checks, train):
     lines, t = checks_table(checks), by(train, "level", "length", "form")
     for level in ("layer", "model"):
-        forms = ("softmax", "t2r", "t2r-naive") + DECAY_MODELS
-        items = [dict(length=n, batch=t[(level, n, "t2r")]["batch"], **{f: t.get((level, n, f)) for f in forms})
+        items = [dict(length=n, batch=t[(level, n, "t2r")]["batch"], **{f: t.get((level, n, f)) for f in TRAIN_FORMS})
                  for n in sorted({n for lv, n, _ in t if lv == level})]
-        for forms, ratios, title in (
-                (("softmax", "t2r", "t2r-naive"), [("softmax / t2r", over("softmax", "t2r", "token_s")),
-                                                   ("softmax / t2r (wall)", over("softmax", "t2r", "token_wall_s"))],
-                 level),
-                (("t2r",) + DECAY_MODELS, [(f"{m} / t2r", over(m, "t2r", "token_s")) for m in DECAY_MODELS],
-                 f"{level}: decay of the state (--t2r-decay)")):
+        tables = [(TRAIN_FORMS[:3], ("softmax",), level),
+                  (("t2r",) + DECAY_MODELS, DECAY_MODELS, f"{level}: decay of the state (--t2r-decay)")]
+        for forms, over_t2r, title in tables:
             if any(x[forms[1]] for x in items):  # measured at this level
                 lines += table([("length", field("length")), ("batch", field("batch")),
-                                *((f"{f} us/token", at(f, "token_s", us)) for f in forms), *ratios,
+                                *((f"{f} us/token", at(f, "token_s", us)) for f in forms),
+                                *((f"{m} / t2r", over(m, "t2r", "token_s")) for m in over_t2r),
                                 *((f"{f} KiB/token", at(f, "token_bytes", kib)) for f in forms)], items, title)
     goals = [goal for level in ("layer", "model") for goal in (
         (f"chunked T2R >= 2x faster than softmax at 4096 ({level}; softmax / t2r)",
@@ -206,7 +193,7 @@ def write_memory(out, header, memory):
                    ("RSS before generating (baseline)", field("baseline_bytes", human_bytes)),
                    ("peak RSS while generating", field("peak_bytes", human_bytes)),
                    ("increment (peak - baseline)", field("increment_bytes", human_bytes)),
-                   ("CPU s", field("seconds", "{:.1f}".format)), ("wall s", field("wall", "{:.1f}".format))], memory)
+                   ("CPU s", field("seconds", "{:.1f}".format))], memory)
     # An increment can be 0 (or a page negative): the generation then fit in pages already resident.
     lines += table([("model", field("model")),
                     (f"peak({long}) / peak({short})", over("n", "s", "peak_bytes", "{:.3f}".format)),

@@ -1,10 +1,4 @@
-"""Entry point: `python -m benchmarks.run [--quick] [--only decode,generate,train,memory] [sizes...]`.
-
-Checks numerically that the timed forms agree, then measures and writes markdown tables (and a
-plot) under --out: bench_decode.md, bench_decode.png, bench_train.md, generation_memory.md, and the
-rows behind each as .json (the README's tables are built from those by `python -m tools.readme`).
-Warns loudly when the machine is not idle (1-minute load average above 1).
-"""
+"""Checks the timed forms agree, then writes bench_decode, bench_train, generation_memory (.md, .json) under --out."""
 import argparse
 import datetime
 import logging
@@ -22,12 +16,8 @@ SIZES = dict(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, lengths=[12
 QUICK = dict(layers=2, dim=128, heads=4, vocab=1000, feature_dim=16, lengths=[64, 512], batches=[1, 4], seconds=0.3,
              gen_length=32, train_lengths=[128, 512], train_model_lengths=[128, 512], train_tokens=1024,
              train_model_tokens=1024, memory_lengths=[32, 128])
-HELP = dict(feature_dim="T2R feature size per head", lengths="decode prefix lengths",
-            seconds="decode: timed seconds per model and configuration", gen_length="SequenceGenerator output length",
-            memory_lengths="memory: tokens generated, each in a fresh process",
-            train_tokens="tokens per step of the one-layer rows (batch = tokens // length)",
-            train_model_lengths="lengths of the whole-model rows (an iteration takes tens of seconds on one core)",
-            naive_max_length="longest length for the quadratic T2R form (its T x T matrices grow fast)")
+HELP = dict(lengths="decode prefix lengths", seconds="decode: timed seconds per model and configuration",
+            train_tokens="tokens per step of the one-layer rows (batch = tokens // length)")
 
 
 def parse_args(argv=None):
@@ -35,8 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke test in under a minute (overrides the size flags)")
     p.add_argument("--only", default="decode,generate,train,memory", help="which benchmarks, comma-separated")
     p.add_argument("--out", help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (one: CPU time is then exactly the work, "
-                   "and threads waiting for each other on a shared machine make timings erratic)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (one: CPU time is then the work itself)")
     for name, default in SIZES.items():
         kind = (lambda text: [int(x) for x in text.split(",") if x]) if isinstance(default, list) else type(default)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=HELP.get(name, " "))
@@ -83,21 +72,16 @@ def main(argv=None):
     timing = dict(vocab=args.vocab, seconds=args.seconds, log=log)
     decode, constant, decay, generate = [], [], [], []
     if "decode" in args.only:
-        log("decode steps")
         decode = decode_rows(plain, args.lengths, args.batches, **timing)
-        log("T2R after every prefix length, side by side")
         constant = decode_rows({"t2r": models["t2r"]}, args.lengths, args.batches, side_by_side=True, **timing)
-        log("decay of the state: the shortest and the longest prefix, side by side")
         decay = decode_rows({m: models[m] for m in ("t2r", *DECAY_MODELS, "floor")},
                             [min(args.lengths), max(args.lengths)], args.batches, side_by_side=True, **timing)
     if "generate" in args.only:
-        log("SequenceGenerator")
         generate = generation_rows({m: models[m] for m in ("softmax", "t2r")}, length=args.gen_length,
                                    beams=args.beams, log=log)
     if decode or generate:
         report.write_decode(args.out, header, checks, decode, constant, decay, generate)
     if "train" in args.only:
-        log("training")
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, level="layer",
                            naive_max_length=args.naive_max_length, vocab=args.vocab, log=log)
         # One timed round after the (profiled) warm-up: whole-model iterations are long.
@@ -105,7 +89,6 @@ def main(argv=None):
                             naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
     if "memory" in args.only:
-        log("generation memory (a fresh process per model and length)")
         report.write_memory(args.out, header, memory_rows(args.memory_lengths, threads=args.threads, shape=shape,
                                                           log=log))
     log(f"done in {time.time() - started:.0f} s; results in {args.out}/\n"

@@ -5,14 +5,16 @@ the forms taking turns. Forms: `softmax` (fairseq's MultiheadAttention with its 
 T x T form) and, for one layer, `t2r_fixed`, `t2r_learned`, `t2r_gated` (t2r chunked with a decay).
 Memory: peak torch tensor bytes allocated in one forward + backward (torch.profiler), per token.
 """
+import statistics
+
 import torch
 
-from .measure import medians, peak_bytes, timed
+from .measure import peak_bytes, row_line, timed
 from .models import t2r_twin
 
 
 def _iteration(model, level, batch, length, vocab, g):
-    """A closure running one forward + backward; inputs are made once, outside the timer."""
+    """One forward + backward; inputs are made once, outside the timer."""
     params = list(model.parameters())
     if level == "layer":
         x = torch.randn(length, batch, model.decoder.embed_dim, generator=g, requires_grad=True)
@@ -36,8 +38,7 @@ def _iteration(model, level, batch, length, vocab, g):
 
 
 def train_rows(models, lengths, *, tokens, level, naive_max_length, rounds=2, vocab, seed=0, log=print):
-    """One row per (length, form): median CPU and wall seconds and peak bytes of one iteration, per
-    token. Forms: softmax, t2r, t2r-naive up to naive_max_length, and any other t2r_* model given."""
+    """One row per (length, form): median CPU seconds and peak bytes of one iteration, per token."""
     rows = []
     g = torch.Generator().manual_seed(seed)
     # A chunk is never longer than the sequence, so up to naive_max_length each runs in one chunk.
@@ -55,14 +56,12 @@ def train_rows(models, lengths, *, tokens, level, naive_max_length, rounds=2, vo
                     runs[form] = iteration, peak_bytes(iteration), []  # the profiled one warms up too
             for _ in range(rounds):
                 for iteration, _, times in runs.values():
-                    times.append(timed(iteration))
+                    times.append(timed(iteration)[1])
             for form, (_, peak, times) in runs.items():
-                wall, cpu = medians(times)
                 n = batch * length
-                rows.append(dict(level=level, length=length, batch=batch, form=form, token_s=cpu / n,
-                                 token_wall_s=wall / n, token_bytes=peak / n))
-            log(f"  {level} L={length:5d} B={batch:2d}  " + "  ".join(
-                f"{r['form']} {r['token_s'] * 1e6:.1f} us/tok" for r in rows[-len(runs):]))
+                rows.append(dict(level=level, length=length, batch=batch, form=form,
+                                 token_s=statistics.median(times) / n, token_bytes=peak / n))
+                log(row_line(rows[-1]))
     finally:
         for model in forms.values():
             model.eval()
