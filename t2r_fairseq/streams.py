@@ -72,7 +72,9 @@ class T2RTruncatedBPTTLMConfig(TruncatedBPTTLMConfig, ConvertFromConfig):
 
 @register_task("t2r_truncated_bptt_lm", dataclass=T2RTruncatedBPTTLMConfig)
 class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
-    def __init__(self, cfg):
+    def __init__(self, cfg, **kwargs):
+        # kwargs: fairseq's setup_task passes from_checkpoint=True when a checkpoint is loaded
+        # without a task (hub interface, load_model_ensemble); fairseq's own task takes none.
         if cfg.batch_size is None:
             cfg.batch_size = 1
             logger.info("reading 1 stream (--batch-size N reads N streams side by side)")

@@ -2,6 +2,7 @@
 carries its recurrent state from batch to batch exactly (and resets it where it must), and the
 user's commands: fairseq-train with --convert-from, fairseq-eval-lm with full history."""
 import re
+import sys
 
 import pytest
 import torch
@@ -136,6 +137,16 @@ def test_eval_lm_scores_every_token_with_its_whole_history(lm_workdir, carried_r
                   "--batch-size", 3)
     assert one[0] == three[0] == windowed[0]  # the same tokens, each scored once
     assert 1 < one[1] < 1e5 and one[1] != three[1]  # three streams: other histories
+
+
+def test_a_carried_state_checkpoint_loads_without_a_task(lm_workdir, carried_run):
+    """As the hub interface and fairseq's loaders load it: the task is rebuilt from the checkpoint."""
+    save, _ = carried_run
+    code = ("import t2r_fairseq, torch; from fairseq import checkpoint_utils; "
+            f"models, _ = checkpoint_utils.load_model_ensemble([{str(save / 'checkpoint_last.pt')!r}]); "
+            "out = models[0].eval()(torch.tensor([[5, 6, 7]]))[0]; print('logits', tuple(out.shape))")
+    proc = run([sys.executable, "-c", code])
+    assert re.search(r"^logits \(1, 3, \d+\)$", proc.stdout, flags=re.M), proc.stdout + proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("bad,message", [
