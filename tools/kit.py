@@ -2,7 +2,6 @@
 perplexity, sentencepiece BPE, the machine and its load, and a results file that rows are
 recorded into as they finish (so long experiments resume where they stopped)."""
 import json
-import math
 import os
 import pathlib
 import platform
@@ -149,9 +148,6 @@ class Results:
     def load(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def __contains__(self, name) -> bool:
-        return name in self.load()
-
     def record(self, name: str, row: dict):
         results = self.load()
         results[name] = row
@@ -171,6 +167,3 @@ class Results:
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.path)
 
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
