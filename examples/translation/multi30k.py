@@ -2,11 +2,13 @@
 
     python examples/translation/multi30k.py ../shared/data/multi30k
 
-Rows: a softmax transformer teacher; T2R (relu feature map, the paper's) and ELU+1 converted from
-it with `--task t2r_translation --convert-from` and finetuned for a fraction of the teacher's
-updates; and the teacher itself trained on for that same budget (`teacher_continued`), the fair
-baseline when the teacher has not converged. Each row: detokenized sacreBLEU on test_2016_flickr
-(beam 5) and fairseq-generate's own sentences/s (best of interleaved repeats: the CPU is shared).
+Rows: a softmax transformer teacher; the teacher trained on for the finetuning budget
+(`teacher_continued`, the fair baseline when the teacher has not converged); T2R converted from it
+with `--task t2r_translation --convert-from` and finetuned for that budget: plain (the paper's),
+with a softmax window in decoder self-attention (`t2r_window`), with attention transfer of the
+decoder self- and cross-attention first (`t2r_transfer`), and both (`t2r_window_transfer`); ELU+1
+on request (`--rows elu_pretrain`). Each row: detokenized sacreBLEU on test_2016_flickr (beam 5)
+and fairseq-generate's own sentences/s (best of interleaved repeats).
 Results accumulate in results/multi30k.json after every row, so an interrupted run continues
 where it stopped (`--force ROW` reruns one).
 
@@ -80,14 +82,12 @@ def model_args(args):
             "--decoder-attention-heads", args.heads, "--share-all-embeddings", "--dropout", args.dropout]
 
 
-def train_args(args, updates, lr, warmup, minutes):
+def train_args(args, updates, lr, warmup):
+    # A fixed number of updates and no wall-clock cap, so that a row does not depend on the load.
     return ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "0.0", "--lr", lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup, "--warmup-init-lr", "1e-07",
-            "--weight-decay", "0.0001", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--max-tokens", args.max_tokens, "--max-update", updates,
-            # A wall-clock cap as well: the CPU is shared, so updates/s varies between runs.
-            *(["--stop-time-hours", f"{minutes / 60:.4f}"] if minutes else []),
-            "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", "50",
+            "--weight-decay", "0.0001", "--label-smoothing", "0.1", "--max-tokens", args.max_tokens,
+            "--max-update", updates, "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", "50",
             "--no-epoch-checkpoints", "--seed", "1"]
 
 
@@ -128,9 +128,10 @@ def main(argv=None):
     p.add_argument("--feature-dim", type=int, default=32, help="T2R feature size per head")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--teacher-updates", type=int, default=3000)
-    p.add_argument("--teacher-minutes", type=float, default=28.0, help="wall-clock cap on teacher training")
-    p.add_argument("--finetune-updates", type=int, default=800)
-    p.add_argument("--finetune-minutes", type=float, default=7.0, help="wall-clock cap per finetuning")
+    p.add_argument("--finetune-updates", type=int, default=800, help="updates of every row trained from the teacher")
+    p.add_argument("--window", type=int, default=64, help="--t2r-window of the window rows")
+    p.add_argument("--transfer-only-updates", type=int, default=200,
+                   help="--attention-transfer-only-updates of the transfer rows")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
@@ -138,7 +139,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process: on a shared CPU one thread measured 2-7x faster per update "
                         "than two (spin-waiting threads)")
-    p.add_argument("--rows", default="teacher,t2r_pretrain,elu_pretrain,teacher_continued",
+    p.add_argument("--rows", default="teacher,teacher_continued,t2r_pretrain,t2r_window,t2r_transfer,t2r_window_transfer",
                    help="comma-separated rows to run")
     p.add_argument("--speed-repeats", type=int, default=2,
                    help="after training, time every model's generation this many more times (interleaved)")
@@ -164,17 +165,24 @@ def main(argv=None):
     task = ["--task", "translation", "--source-lang", args.src, "--target-lang", args.tgt]
     t2r = ["--user-dir", USER_DIR, "--task", "t2r_translation", "--source-lang", args.src, "--target-lang", args.tgt,
            "--arch", "t2r_transformer", "--t2r-feature-dim", args.feature_dim, "--convert-from", teacher_ckpt]
-    rows = {
-        "teacher": (task + ["--arch", "transformer"], args.teacher_updates, args.teacher_minutes, args.lr),
-        "t2r_pretrain": (t2r, args.finetune_updates, args.finetune_minutes, args.finetune_lr),
-        "elu_pretrain": (t2r + ["--t2r-feature-map", "elu"], args.finetune_updates, args.finetune_minutes,
-                         args.finetune_lr),
-        # The teacher trained on, softmax all along, for as many updates as T2R's finetuning got: that is
-        # extra training too, so on a teacher that has not converged this is the fair baseline. No
-        # wall-clock cap: fairseq counts the teacher's training time into a --finetune-from-model run.
+    softmax = ["--criterion", "label_smoothed_cross_entropy"]
+    window = ["--t2r-window", args.window]
+    # Attention transfer (decoder self- and cross-attention) for the first updates, then everything
+    # on the label-smoothed cross-entropy: the criterion replaces label_smoothed_cross_entropy.
+    transfer = ["--criterion", "t2r_attention_transfer", "--attention-transfer-only-updates",
+                args.transfer_only_updates]
+    rows = {  # name: (fairseq-train options, updates, learning rate)
+        "teacher": (task + ["--arch", "transformer"] + softmax, args.teacher_updates, args.lr),
+        # The teacher trained on, softmax all along, for as many updates as every T2R finetuning:
+        # that is extra training too, so on a teacher that has not converged this is the fair baseline.
         # (--user-dir only so that torch's safe loading accepts the fairseq checkpoint, see checkpoints.py)
         "teacher_continued": (task + ["--user-dir", USER_DIR, "--arch", "transformer", "--finetune-from-model",
-                                      teacher_ckpt], None, None, args.finetune_lr),
+                                      teacher_ckpt] + softmax, args.finetune_updates, args.finetune_lr),
+        "t2r_pretrain": (t2r + softmax, args.finetune_updates, args.finetune_lr),
+        "t2r_window": (t2r + window + softmax, args.finetune_updates, args.finetune_lr),
+        "t2r_transfer": (t2r + transfer, args.finetune_updates, args.finetune_lr),
+        "t2r_window_transfer": (t2r + window + transfer, args.finetune_updates, args.finetune_lr),
+        "elu_pretrain": (t2r + ["--t2r-feature-map", "elu"] + softmax, args.finetune_updates, args.finetune_lr),
     }
     force = set(filter(None, args.force.split(",")))
     trained = []
@@ -184,20 +192,18 @@ def main(argv=None):
         if name in results and name not in force:
             log(f"{name}: recorded already (--force {name} reruns it)")
             continue
-        extra, updates, minutes, lr = rows[name]
-        if name == "teacher_continued":  # re-read: t2r_pretrain may have been recorded by this very run
-            updates = store.load().get("t2r_pretrain", {}).get("updates") or args.finetune_updates
+        extra, updates, lr = rows[name]
         if name != "teacher" and not teacher_ckpt.exists():
             sys.exit(f"error: {name} starts from the teacher; run the teacher row first ({teacher_ckpt} is missing)")
         save = args.work / name
         for old in save.glob("checkpoint*.pt"):
             old.unlink()  # a fresh run, not a resume of an earlier one
-        log(f"{name}: fairseq-train, up to {updates} updates" + (f" / {minutes} min" if minutes else ""))
+        log(f"{name}: fairseq-train, {updates} updates")
         start = time.time()
         # Finetuning starts from trained weights: a short warmup only protects the new feature maps.
         warmup = min(args.warmup if name == "teacher" else args.warmup // 3, max(1, updates // 5))
         text = sh(["fairseq-train", bin_dir, *extra, *model_args(args),
-                   *train_args(args, updates, lr, warmup, minutes), "--save-dir", save],
+                   *train_args(args, updates, lr, warmup), "--save-dir", save],
                   args.work / f"logs/{name}.train.log", commands)
         done = re.findall(r"num_updates[ =](\d+)", text)
         valid = re.findall(r"valid on 'valid' subset \| loss ([0-9.]+) \| nll_loss ([0-9.]+)", text)
@@ -206,9 +212,10 @@ def main(argv=None):
         bleu = sacrebleu.corpus_bleu(hyps, [references])
         row = {"bleu": round(bleu.score, 2), "sentences_per_s": speed, "sentences_per_s_runs": [speed],
                "updates": int(done[-1]) if done else 0, "train_minutes": round((time.time() - start) / 60, 1),
-               "valid_nll_loss": float(valid[-1][1]) if valid else None, "sacrebleu": str(bleu)}
-        if name in ("t2r_pretrain", "elu_pretrain"):
-            row["feature_map"] = "elu" if "elu" in extra else "t2r"
+               "valid_nll_loss": float(valid[-1][1]) if valid else None, "sacrebleu": str(bleu),
+               "load_average_after": kit.load_average()}
+        if "--convert-from" in extra:  # the options that make this row what it is
+            row["t2r_options"] = shlex.join(str(a) for a in extra[extra.index(teacher_ckpt) + 1:])
         if name != "teacher":
             row["init"] = "teacher (update 0: the teacher's weights)"
         log(f"{name}: {row}")
