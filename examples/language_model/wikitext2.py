@@ -162,6 +162,10 @@ def main(argv=None):
         "t2r_window": (t2r + convert + ["--t2r-window", "64"], n_finetune, args.finetune_lr),
         "t2r_window_transfer": (t2r + convert + ["--t2r-window", "64", "--criterion", "t2r_attention_transfer"],
                                 n_finetune, args.finetune_lr),
+        # Window and decay composed: the window keeps recent context exact, the gate lets the
+        # state forget, so that scoring with the whole history (state carried) stays good.
+        "t2r_window_gated": (t2r + convert + ["--t2r-window", "64", "--t2r-decay", "gated"], n_finetune,
+                             args.finetune_lr),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
