@@ -128,6 +128,7 @@ WIKITEXT2_ROWS = (
     ("t2r_carried", "T2R + pretrain, gated decay, carried-state training", "32"),
     ("t2r_window", "T2R + pretrain, softmax window 64 + linear", "32"),
     ("t2r_window_transfer", "T2R + pretrain, softmax window 64 + linear, attention transfer", "32"),
+    ("t2r_window_gated", "T2R + pretrain, softmax window 64 + linear, gated decay", "32"),
 )
 
 
