@@ -100,13 +100,33 @@ def generation_memory():
             f"shape ({_load_note(data['header'])}): T2R {peaks('t2r')}, softmax {peaks('softmax')}.\n")
 
 
+MULTI30K_ROWS = (
+    ("teacher", "teacher (softmax)"),
+    ("teacher_continued", "teacher trained on for the finetuning budget"),
+    ("t2r_pretrain", "T2R + pretrain"),
+    ("t2r_window", "T2R + pretrain, softmax window 64 + linear in decoder self-attention"),
+    ("t2r_transfer", "T2R + pretrain, attention transfer (self- and cross-attention)"),
+    ("t2r_window_transfer", "T2R + pretrain, window 64 + attention transfer"),
+    ("elu_pretrain", "ELU + pretrain"),
+)
+
+
 def multi30k():
     data = _load("multi30k.json")
-    names = (("teacher", "teacher (softmax)"), ("teacher_continued", "teacher trained on for the finetuning budget"),
-             ("t2r_pretrain", "T2R + pretrain"), ("elu_pretrain", "ELU + pretrain"))
-    # Not its sentences/s: those were timed next to other jobs (they stay in the file, with the load).
-    lines = ["| model | updates | test BLEU |", "|---|---|---|"]
-    lines += [f"| {label} | {data[n]['updates']} | {data[n]['bleu']:.2f} |" for n, label in names if n in data]
+    continued = data.get("teacher_continued", {}).get("bleu")
+    lines = ["| row | init | updates | valid nll | test BLEU | vs teacher trained on | sentences/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, label in MULTI30K_ROWS:
+        if name not in data:
+            continue
+        r = data[name]
+        gap = f"{r['bleu'] - continued:+.2f}" if continued is not None else "-"
+        lines.append(f"| {label} | {r.get('init', 'random').split(' ')[0]} | {r['updates']} | {r['valid_nll_loss']:.3f} "
+                     f"| {r['bleu']:.2f} | {gap} | {r['sentences_per_s']:.1f} |")
+    loads = sorted({data[n]["timing_load"] for n, _ in MULTI30K_ROWS if "timing_load" in data.get(n, {})})
+    lines += ["", f"sentences/s: fairseq-generate's own figure (beam 5, batch 128, one thread), the best of "
+              f"interleaved runs of every row on {data['setup']['machine']['cpu']}; 1-minute load average at the "
+              f"start of the timing pass: {', '.join(f'{x:.2f}' for x in loads) or 'not recorded'}."]
     return "\n".join(lines) + "\n"
 
 

@@ -227,6 +227,10 @@ def main(argv=None):
         # model again, interleaved, and report the best run of each: the least disturbed one.
         results = store.load()
         names = [n for n in rows if n in results and (args.work / n / "checkpoint_last.pt").exists()]
+        load = kit.load_average()
+        warning = kit.busy_warning("the sentences/s")
+        if warning:
+            print(warning, flush=True)
         for repeat in range(args.speed_repeats):
             for name in names:
                 log(f"{name}: timing generation ({repeat + 1}/{args.speed_repeats})")
@@ -235,6 +239,7 @@ def main(argv=None):
                 row = store.load()[name]
                 row["sentences_per_s_runs"] = row.get("sentences_per_s_runs", [row["sentences_per_s"]]) + [speed]
                 row["sentences_per_s"] = max(row["sentences_per_s_runs"])
+                row["timing_load"] = load  # 1-minute load average when this timing pass started
                 record(args, store, name, row, commands)
     log(f"results in {args.results}")
 
