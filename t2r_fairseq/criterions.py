@@ -27,6 +27,8 @@ from .transfer import is_new_tensor
 
 # The student's attention modules that learn from the teacher's, by the decoder layer's attribute.
 TRANSFERRED = {"self_attn": T2RSelfAttention, "encoder_attn": T2RCrossAttention}
+# What a teacher's attention module is called with that its T2R counterpart is given in turn.
+ATTENTION_INPUTS = ("query", "key", "value", "key_padding_mask")
 
 
 @dataclass
@@ -96,9 +98,8 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
 
     def _capture(self, key):
         def hook(module, args, kwargs, output):
-            call = dict(zip(("query", "key", "value", "key_padding_mask"), args), **kwargs)
-            self._captured[key] = ({name: call.get(name) for name in ("query", "key", "value", "key_padding_mask")},
-                                   output[0])
+            call = {**dict(zip(ATTENTION_INPUTS, args)), **kwargs}
+            self._captured[key] = ({name: call.get(name) for name in ATTENTION_INPUTS}, output[0])
         return hook
 
     def _run_teacher(self, model, sample):
@@ -113,7 +114,7 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
     def _transfer_loss(self, model):
         """Squared error between each T2R attention module's and the teacher's outputs, on the
         teacher's inputs, summed over non-padding target positions and averaged over modules."""
-        total, modules = 0.0, 0
+        total, modules = next(model.parameters()).new_zeros((), dtype=torch.float32), 0
         for index, layer in enumerate(model.decoder.layers):
             # The decoder's padding: the keys of self-attention, the queries of both roles.
             padding = self._captured[("self_attn", index)][0]["key_padding_mask"]

@@ -3,12 +3,15 @@
 They are fairseq's language_modeling / translation plus `--convert-from PATH`: when training
 starts fresh, the T2R model is initialized from that softmax checkpoint (see transfer.py). When
 there is something to resume from, fairseq's normal resume wins and nothing is converted.
+`--t2r-finetune attention` freezes all but the T2R attention: a training option, so a task's, not
+the model's (the model's flags describe what a checkpoint is, and t2r-convert takes them all).
 """
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
@@ -16,7 +19,7 @@ from omegaconf import II
 
 from .checkpoints import load_checkpoint
 from .errors import T2RUsageError
-from .transfer import transfer_softmax_weights
+from .transfer import attention_parameters, transfer_softmax_weights
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,10 @@ class ConvertFromConfig:
     convert_from: Optional[str] = field(
         default=None, metadata={"help": "softmax transformer checkpoint to initialize the T2R model from "
                                         "when training starts fresh (ignored when resuming)"})
+    t2r_finetune: ChoiceEnum(("all", "attention")) = field(
+        default="all", metadata={"help": "what training updates: all (the paper's) or attention: only the T2R "
+                                         "attention (q/k/v/out projections, feature maps, decay gates, window "
+                                         "balances); everything else keeps its initial values"})
     # Read, not set: conversion must not run when fairseq is about to resume.
     save_dir: str = II("checkpoint.save_dir")
     restore_file: str = II("checkpoint.restore_file")
@@ -65,17 +72,34 @@ class T2RTask:
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        source = task_config(self).convert_from
-        if not source or from_checkpoint:
+        if from_checkpoint:  # loaded to be used (generation, scoring), not trained
             return model
+        if task_config(self).convert_from:
+            self._convert(model, task_config(self).convert_from)
+        if str(getattr(task_config(self), "t2r_finetune", "all")) == "attention":
+            _train_attention_only(model)
+        return model
+
+    def _convert(self, model, source):
         resume = _resume_checkpoint(task_config(self))
         if resume is not None:
             logger.info(f"resuming from {resume}: skipping --convert-from {source}")
-            return model
+            return
         new_keys = transfer_softmax_weights(model, load_checkpoint(source)["model"], source=source)
         logger.info(f"converted {source}: reused {len(model.state_dict()) - len(new_keys)} tensors, "
                     f"{len(new_keys)} new: {', '.join(new_keys)}")
-        return model
+
+
+def _train_attention_only(model):
+    """--t2r-finetune attention: fairseq's trainer optimizes only parameters that require grad."""
+    trainable = attention_parameters(model)
+    if not trainable:
+        raise T2RUsageError("--t2r-finetune attention trains only T2R attention, and this model keeps every "
+                            "attention softmax: drop --t2r-finetune attention, or make some attention T2R "
+                            "(fewer --t2r-softmax-layers, --t2r-cross-attention t2r)")
+    model.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
 
 
 @dataclass

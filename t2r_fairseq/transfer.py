@@ -15,6 +15,7 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY
 from omegaconf import OmegaConf
 
+from .attention import T2RCrossAttention, T2RSelfAttention
 from .checkpoints import CheckpointError, checkpoint_arch
 from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
 from .options import set_t2r_defaults
@@ -27,6 +28,14 @@ NEW_KEY_MARKERS = (".feature_map.", ".decay.", ".log_balance")
 def is_new_tensor(name: str) -> bool:
     """Whether a T2R model's tensor `name` is one that conversion initializes (not reused)."""
     return any(marker in name for marker in NEW_KEY_MARKERS)
+
+
+def attention_parameters(model) -> List[torch.nn.Parameter]:
+    """The parameters of the model's T2R attention modules, self- and cross-attention (q/k/v/out
+    projections, feature maps, decay gates, window balances): what --t2r-finetune attention trains.
+    Attention kept softmax (--t2r-softmax-layers, --t2r-cross-attention softmax, the encoder) is not T2R."""
+    return [p for module in model.modules() if isinstance(module, (T2RSelfAttention, T2RCrossAttention))
+            for p in module.parameters()]
 
 
 def transfer_softmax_weights(model, source_state: Dict[str, torch.Tensor], source: str = "checkpoint") -> List[str]:
