@@ -23,13 +23,15 @@ from .transfer import attention_parameters, transfer_softmax_weights
 
 logger = logging.getLogger(__name__)
 
+FINETUNE = ("all", "attention")  # what --t2r-finetune trains
+
 
 @dataclass
 class ConvertFromConfig:
     convert_from: Optional[str] = field(
         default=None, metadata={"help": "softmax transformer checkpoint to initialize the T2R model from "
                                         "when training starts fresh (ignored when resuming)"})
-    t2r_finetune: ChoiceEnum(("all", "attention")) = field(
+    t2r_finetune: ChoiceEnum(FINETUNE) = field(
         default="all", metadata={"help": "what training updates: all (the paper's) or attention: only the T2R "
                                          "attention (q/k/v/out projections, feature maps, decay gates, window "
                                          "balances); everything else keeps its initial values"})
