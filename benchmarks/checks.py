@@ -13,8 +13,7 @@ def _diff(*pairs):
 
 def run_checks(models, *, vocab, prefix=96, steps=8, seed=0, log=print):
     """[(what, max |difference|, tolerance)], logged; stops the run (SystemExit) if one is out of tolerance."""
-    results = []
-    g = torch.Generator().manual_seed(seed)
+    results, g = [], torch.Generator().manual_seed(seed)
 
     # The math, float64: chunked (two chunk sizes) and step-by-step against the quadratic form.
     q, k = (torch.rand(2, 3, 257, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -40,15 +39,17 @@ def run_checks(models, *, vocab, prefix=96, steps=8, seed=0, log=print):
                             _diff((inc, model.decoder(tokens)[0][:, prefix:])), 1e-3))
         results.append(("t2r: feature map folded into one q/k/v matmul vs unfolded (logits)",
                         _diff((t2r.decoder(tokens)[0], plain.decoder(tokens)[0])), 1e-3))
-    # Training: chunked vs single chunk (quadratic) on a layer, outputs and input gradients.
+    # Training: chunked vs one chunk (the T x T form) on a layer, outputs and input gradients.
     x = torch.randn(300, 2, t2r.decoder.embed_dim, generator=g)
-    grads = []
-    for model in (t2r, t2r_twin(t2r, chunk_size=300)):
-        xi = x.clone().requires_grad_()
-        out = model.decoder.layers[0](xi)[0]
-        out.backward(torch.ones_like(out))
-        grads.append((out.detach(), xi.grad))
-    results.append(("t2r layer: chunked vs naive, outputs and input gradients (float32)", _diff(*zip(*grads)), 1e-3))
+    for name in ("t2r", "t2r_window"):
+        grads = []
+        for model in (models[name], t2r_twin(models[name], chunk_size=300)):
+            xi = x.clone().requires_grad_()
+            out = model.decoder.layers[0](xi)[0]
+            out.backward(torch.ones_like(out))
+            grads.append((out.detach(), xi.grad))
+        results.append((f"{name} layer: chunked vs naive, outputs and input gradients (float32)",
+                        _diff(*zip(*grads)), 1e-3))
 
     for what, diff, tol in results:
         log(f"  check {'ok ' if diff <= tol else 'BAD'} {diff:.1e} (tol {tol:.0e})  {what}")

@@ -6,7 +6,7 @@ B rows with the decoder's own reorder_incremental_state (what beam search does);
 steps are timed, the models of a group (and in side-by-side groups the prefix lengths) taking turns
 (A B C, B C A, ...), so that changes in machine load hit all alike. Key/value caches are put back to
 length L before every step (outside the timer), so each step attends over exactly L keys; a recurrent
-state simply keeps going.
+state simply keeps going. Times: the median process CPU time of one torch thread (the work itself).
 """
 import functools
 import itertools
@@ -19,17 +19,18 @@ from .measure import peak_bytes, row_line, timed
 from .models import prefill, state_bytes
 
 
-def _copy_state(state):
-    """New dicts sharing the tensors: enough to undo a softmax step, whose cache update replaces tensors
-    (torch.cat) instead of writing into them."""
-    return {key: dict(buf) for key, buf in state.items()}
-
-
 def _expand(model, state, batch):
     """State for `batch` identical rows, in new tensors (index_select), leaving `state` intact."""
-    state = _copy_state(state)
+    state = {key: dict(buf) for key, buf in state.items()}
     model.decoder.reorder_incremental_state_scripting(state, torch.zeros(batch, dtype=torch.long))
     return state
+
+
+def _put_back(state, saved):
+    """state := new dicts sharing saved's tensors: undoes a softmax step, whose cache update replaces tensors
+    (torch.cat) instead of writing into them; a recurrent state, updated in place, keeps going."""
+    state.clear()
+    state.update({key: dict(buf) for key, buf in saved.items()})
 
 
 def _in_turns(runs, batch, seconds, min_steps=6, max_steps=200):
@@ -41,14 +42,11 @@ def _in_turns(runs, batch, seconds, min_steps=6, max_steps=200):
         # The state is built inside the profiled call (the profiler only counts the free of a block it saw
         # allocated, and softmax frees its old cache in a step); this warms up too.
         peak = peak_bytes(lambda: (state.update(_expand(model, prefix, batch)), step()))
-        restore = _expand(model, prefix, batch)  # a softmax cache of exactly L keys
-
-        def put_back(state=state, restore=restore):
-            state.clear()
-            state.update(_copy_state(restore))
+        saved = _expand(model, prefix, batch)  # a softmax cache of exactly L keys
+        put_back = functools.partial(_put_back, state, saved)
         put_back()
         turns.append((key, put_back, step, max(min_steps, min(max_steps, int(seconds / timed(step)[0])))))
-        rows[key] = dict(state_bytes=state_bytes(restore), peak_bytes=peak, times=[])
+        rows[key] = dict(state_bytes=state_bytes(saved), peak_bytes=peak, times=[])
     for i in range(max(count for *_, count in turns)):
         for key, put_back, step, count in turns[i % len(turns):] + turns[:i % len(turns)]:  # A B C, B C A, ...
             if i < count:

@@ -1,8 +1,8 @@
 """The models the benchmarks compare, built in one process with identical shapes and weights:
 softmax (fairseq's `transformer_lm`, a key/value cache while decoding); t2r (`t2r_lm`: the softmax
-weights plus T2R feature maps); t2r_fixed, t2r_learned, t2r_gated (t2r with that `--t2r-decay`, the
-decay's tensors new); floor (the softmax model without attention *mixing*: each position's output is
-out_proj(v)): no attention variant does less work per token, so T2R/floor is the price of recurrence."""
+weights plus T2R feature maps); the VARIANTS (t2r plus one option, its new tensors as initialised);
+floor (the softmax model without attention *mixing*: each position's output is out_proj(v)): no
+attention variant does less work per token, so T2R/floor is the price of recurrence."""
 import copy
 import pathlib
 from types import SimpleNamespace
@@ -18,7 +18,10 @@ from t2r_fairseq.attention import prefill as t2r_prefill
 from t2r_fairseq.transfer import placeholder_dictionary, transfer_softmax_weights
 
 USER_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "t2r_fairseq")
-DECAY_MODELS = ("t2r_fixed", "t2r_learned", "t2r_gated")
+WINDOW = 64
+# Each option's initialisation draws no random numbers: every t2r model gets the same feature maps.
+VARIANTS = {"t2r_fixed": ["--t2r-decay", "fixed"], "t2r_learned": ["--t2r-decay", "learned"],
+            "t2r_gated": ["--t2r-decay", "gated"], "t2r_window": ["--t2r-window", WINDOW]}
 
 
 class FloorAttention(MultiheadAttention):
@@ -31,7 +34,7 @@ class FloorAttention(MultiheadAttention):
 
 
 def build_models(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, max_positions=8448,
-                 names=("softmax", "t2r", "floor") + DECAY_MODELS, seed=0):
+                 names=("softmax", "t2r", "floor", *VARIANTS), seed=0):
     """{name: model} in eval mode, float32, CPU, each built from the config fairseq-train would pass."""
     dictionary = placeholder_dictionary(vocab)
     task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
@@ -46,9 +49,7 @@ def build_models(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, max_pos
 
     models = {"softmax": build("transformer_lm")}
     for name in (n for n in names if n.startswith("t2r")):
-        # A decay's initialisation draws no random numbers: every t2r model gets the same feature maps.
-        decay = name.partition("_")[2] or "none"
-        models[name] = build("t2r_lm", "--t2r-feature-dim", feature_dim, "--t2r-decay", decay)
+        models[name] = build("t2r_lm", "--t2r-feature-dim", feature_dim, *VARIANTS.get(name, ()))
         transfer_softmax_weights(models[name], models["softmax"].state_dict())
     if "floor" in names:
         models["floor"] = with_self_attention(
@@ -66,9 +67,9 @@ def with_self_attention(model, build):
 
 
 def t2r_twin(model, **options):
-    """A copy of the T2R `model` with other self-attention options (chunk_size, fold_feature_map), same weights."""
+    """A copy of the T2R `model` (no decay) with other self-attention options (chunk_size, fold_feature_map)."""
     return with_self_attention(model, lambda old: T2RSelfAttention(
-        old.embed_dim, old.num_heads, feature_dim=old.feature_map.feature_dim, **options))
+        old.embed_dim, old.num_heads, feature_dim=old.feature_map.feature_dim, window=old.window, **options))
 
 
 def prefill(model, tokens, chunk=256):

@@ -1,6 +1,7 @@
 """Checks the timed forms agree, then writes bench_decode, bench_train, generation_memory (.md, .json) under --out."""
 import argparse
 import datetime
+import functools
 import logging
 import pathlib
 import sys
@@ -23,7 +24,7 @@ HELP = dict(lengths="decode prefix lengths", seconds="decode: timed seconds per 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test in under a minute (overrides the size flags)")
-    p.add_argument("--only", default="decode,generate,train,memory", help="which benchmarks, comma-separated")
+    p.add_argument("--only", default="decode,train,memory", help="which reports, comma-separated")
     p.add_argument("--out", help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one: CPU time is then the work itself)")
     for name, default in SIZES.items():
@@ -37,8 +38,7 @@ def parse_args(argv=None):
     return args
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+log = functools.partial(print, file=sys.stderr, flush=True)
 
 
 def main(argv=None):
@@ -51,7 +51,7 @@ def main(argv=None):
     from .checks import run_checks
     from .decode import decode_rows, generation_rows
     from .generation_memory import memory_rows
-    from .models import DECAY_MODELS, build_models
+    from .models import VARIANTS, build_models
     from .train import train_rows
 
     torch.set_num_threads(args.threads)
@@ -68,29 +68,25 @@ def main(argv=None):
     models = build_models(**shape, max_positions=max(args.lengths + args.train_lengths + [args.gen_length]) + 64)
     checks = run_checks(models, vocab=args.vocab, log=log)
     args.out.mkdir(parents=True, exist_ok=True)
-    plain = {m: models[m] for m in ("softmax", "t2r", "floor")}
+    pick = lambda *names: {m: models[m] for m in names}  # noqa: E731
     timing = dict(vocab=args.vocab, seconds=args.seconds, log=log)
-    decode, constant, decay, generate = [], [], [], []
     if "decode" in args.only:
-        decode = decode_rows(plain, args.lengths, args.batches, **timing)
-        constant = decode_rows({"t2r": models["t2r"]}, args.lengths, args.batches, side_by_side=True, **timing)
-        decay = decode_rows({m: models[m] for m in ("t2r", *DECAY_MODELS, "floor")},
-                            [min(args.lengths), max(args.lengths)], args.batches, side_by_side=True, **timing)
-    if "generate" in args.only:
-        generate = generation_rows({m: models[m] for m in ("softmax", "t2r")}, length=args.gen_length,
-                                   beams=args.beams, log=log)
-    if decode or generate:
-        report.write_decode(args.out, header, checks, decode, constant, decay, generate)
+        decode = decode_rows(pick("softmax", "t2r", "floor"), args.lengths, args.batches, **timing)
+        constant = decode_rows(pick("t2r"), args.lengths, args.batches, side_by_side=True, **timing)
+        variants = decode_rows(pick("t2r", *VARIANTS, "floor"), [min(args.lengths), max(args.lengths)],
+                               args.batches, side_by_side=True, **timing)
+        generate = generation_rows(pick("softmax", "t2r"), length=args.gen_length, beams=args.beams, log=log)
+        report.write_decode(args.out, header, checks, decode, constant, variants, generate)
     if "train" in args.only:
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, level="layer",
                            naive_max_length=args.naive_max_length, vocab=args.vocab, log=log)
         # One timed round after the (profiled) warm-up: whole-model iterations are long.
-        train += train_rows(plain, args.train_model_lengths, tokens=args.train_model_tokens, level="model",
-                            naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
+        train += train_rows(pick("softmax", "t2r"), args.train_model_lengths, tokens=args.train_model_tokens,
+                            level="model", naive_max_length=args.naive_max_length, rounds=1, vocab=args.vocab, log=log)
         report.write_train(args.out, header, checks, train)
     if "memory" in args.only:
-        report.write_memory(args.out, header, memory_rows(args.memory_lengths, threads=args.threads, shape=shape,
-                                                          log=log))
+        memory = memory_rows(args.memory_lengths, threads=args.threads, shape=shape, log=log)
+        report.write_memory(args.out, header, memory)
     log(f"done in {time.time() - started:.0f} s; results in {args.out}/\n"
         + (header["warning"] or kit.busy_warning("these timings") or ""))
 

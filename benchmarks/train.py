@@ -2,8 +2,9 @@
 (batch = tokens // length), for one decoder layer and for the whole model (output layer and loss),
 the forms taking turns. Forms: `softmax` (fairseq's MultiheadAttention with its causal mask), `t2r`
 (the chunked parallel form), `t2r-naive` (the same weights in one chunk as long as the sequence: the
-T x T form) and, for one layer, `t2r_fixed`, `t2r_learned`, `t2r_gated` (t2r chunked with a decay).
-Memory: peak torch tensor bytes allocated in one forward + backward (torch.profiler), per token.
+T x T form) and, for one layer, the variants (t2r chunked with a decay, with a sliding window).
+Memory: peak torch tensor bytes allocated in one forward + backward (torch.profiler), per token. Times
+are process CPU time of one torch thread (the work itself), the median over forms taking turns.
 """
 import statistics
 
@@ -15,7 +16,6 @@ from .models import t2r_twin
 
 def _iteration(model, level, batch, length, vocab, g):
     """One forward + backward; inputs are made once, outside the timer."""
-    params = list(model.parameters())
     if level == "layer":
         x = torch.randn(length, batch, model.decoder.embed_dim, generator=g, requires_grad=True)
         grad = torch.randn(x.shape, generator=g)
@@ -31,38 +31,32 @@ def _iteration(model, level, batch, length, vocab, g):
             torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
 
     def iteration():
-        for p in params:
-            p.grad = None
+        model.zero_grad(set_to_none=True)
         run()
     return iteration
 
 
 def train_rows(models, lengths, *, tokens, level, naive_max_length, rounds=2, vocab, seed=0, log=print):
     """One row per (length, form): median CPU seconds and peak bytes of one iteration, per token."""
-    rows = []
-    g = torch.Generator().manual_seed(seed)
+    rows, g = [], torch.Generator().manual_seed(seed)
     # A chunk is never longer than the sequence, so up to naive_max_length each runs in one chunk.
     forms = {"softmax": models["softmax"], "t2r": models["t2r"],
              "t2r-naive": t2r_twin(models["t2r"], chunk_size=naive_max_length),
              **{name: model for name, model in models.items() if name.startswith("t2r_")}}
+    for length in lengths:
+        batch, runs = max(1, tokens // length), {}
+        for form, model in forms.items():
+            if form != "t2r-naive" or length <= naive_max_length:
+                iteration = _iteration(model.train(), level, batch, length, vocab, g)
+                runs[form] = iteration, peak_bytes(iteration), []  # the profiled one warms up too
+        for _ in range(rounds):
+            for iteration, _, times in runs.values():
+                times.append(timed(iteration)[1])
+        for form, (_, peak, times) in runs.items():
+            n = batch * length
+            rows.append(dict(level=level, length=length, batch=batch, form=form,
+                             token_s=statistics.median(times) / n, token_bytes=peak / n))
+            log(row_line(rows[-1]))
     for model in forms.values():
-        model.train()
-    try:
-        for length in lengths:
-            batch, runs = max(1, tokens // length), {}
-            for form, model in forms.items():
-                if form != "t2r-naive" or length <= naive_max_length:
-                    iteration = _iteration(model, level, batch, length, vocab, g)
-                    runs[form] = iteration, peak_bytes(iteration), []  # the profiled one warms up too
-            for _ in range(rounds):
-                for iteration, _, times in runs.values():
-                    times.append(timed(iteration)[1])
-            for form, (_, peak, times) in runs.items():
-                n = batch * length
-                rows.append(dict(level=level, length=length, batch=batch, form=form,
-                                 token_s=statistics.median(times) / n, token_bytes=peak / n))
-                log(row_line(rows[-1]))
-    finally:
-        for model in forms.values():
-            model.eval()
+        model.eval()
     return rows

@@ -7,6 +7,7 @@ from helpers import ROOT, run
 
 QUICK_LENGTHS, QUICK_BATCHES, QUICK_MEMORY_LENGTHS = [64, 512], [1, 4], [32, 128]
 DECAYS = ("t2r_fixed", "t2r_learned", "t2r_gated")
+VARIANTS = (*DECAYS, "t2r_window")  # benchmarks.models.VARIANTS: t2r with a decay, with a sliding window (W=64)
 
 
 def _table(markdown, head):
@@ -30,13 +31,14 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     for name in md:
         assert data[name]["header"]["load_start"] >= 0 and data[name]["header"]["load_end"] >= 0
 
-    # Numerical checks (math, every model including each decay, the T2R fast paths) ran before timing,
-    # all within tolerance.
+    # Numerical checks (math, every model including each variant, the T2R fast paths, the chunked training
+    # form of t2r and t2r_window) ran before timing, all within tolerance.
     for name in ("bench_decode", "bench_train"):
         checks = _table(md[name], "| check |")
         assert [row[0].split(":")[0] for row in checks if "incremental steps" in row[0]] == [
-            "softmax", "t2r", "floor", *DECAYS]
-        assert len(checks) == 11 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
+            "softmax", "t2r", "floor", *VARIANTS]
+        assert [row[0].split()[0] for row in checks if "chunked vs naive" in row[0]] == ["t2r", "t2r_window"]
+        assert len(checks) == 13 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
 
     decode = data["bench_decode"]
     grid = [(b, n) for b in QUICK_BATCHES for n in QUICK_LENGTHS]
@@ -58,34 +60,42 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     assert {(r["model"], r["beam"], r["length"]) for r in decode["generate"]} == {
         (m, beam, 33) for m in ("softmax", "t2r") for beam in (1, 5)}  # 32 tokens and the final eos
     assert [row[:2] for row in _table(md["bench_decode"], "| beam |")] == [["1", "33"], ["5", "33"]]
-    # Decay: each form, plain T2R and the floor taking turns at the shortest and longest prefix; a decay
-    # adds nothing to the state. Targets: within a factor of the floor, and flat, per form.
-    decay = {(r["length"], r["batch"], r["model"]): r for r in decode["decay"]}
-    forms = ("t2r", *DECAYS, "floor")
-    assert len(decode["decay"]) == len(decay) and set(decay) == {
+    # Variants: each, plain T2R and the floor taking turns at the shortest and longest prefix; a decay adds
+    # nothing to the state, a window its ring of the last W keys: larger, and the same after either prefix.
+    # Targets: within a factor of the floor, and flat, per variant.
+    variants = {(r["length"], r["batch"], r["model"]): r for r in decode["variants"]}
+    forms = ("t2r", *VARIANTS, "floor")
+    assert len(decode["variants"]) == len(variants) and set(variants) == {
         (n, b, m) for n in QUICK_LENGTHS for b in QUICK_BATCHES for m in forms}
-    for (n, b, m), r in decay.items():
+    for (n, b, m), r in variants.items():
         assert r["step_s"] > 0 and r["wall_s"] > 0 and r["peak_bytes"] > 0
-        if m != "floor":
+        if m in ("t2r", *DECAYS):
             assert r["state_bytes"] == rows[(QUICK_LENGTHS[0], b, "t2r")]["state_bytes"]
+    for b in QUICK_BATCHES:
+        window = [variants[(n, b, "t2r_window")]["state_bytes"] for n in QUICK_LENGTHS]
+        assert window[0] == window[1] > rows[(QUICK_LENGTHS[0], b, "t2r")]["state_bytes"]
     assert [row[:2] for row in _table(md["bench_decode"], "| batch | model |")] == [
         [str(b), m] for b in QUICK_BATCHES for m in forms]
-    goals = [row[0] for row in _table(md["bench_decode"], "| target |")]
-    assert len(goals) == 2 * len(QUICK_BATCHES) + 2 + 2 * len(DECAYS)
-    assert [g.split()[0] for g in goals[-2 * len(DECAYS):]] == [m for m in DECAYS for _ in range(2)]
+    goals = _table(md["bench_decode"], "| target |")
+    assert len(goals) == 2 * len(QUICK_BATCHES) + 2 + 2 * len(VARIANTS)
+    assert [g[0].split()[0] for g in goals[-2 * len(VARIANTS):]] == [m for m in VARIANTS for _ in range(2)]
+    # Measured here (the quick lengths), so each says met or MISSED, from the numbers.
+    assert all(g[2] in ("met", "MISSED") for g in goals if not g[0].startswith("T2R >="))
 
     train = data["bench_train"]["train"]
     plain = ("softmax", "t2r", "t2r-naive")
     assert sorted((r["level"], r["length"], r["form"]) for r in train) == sorted(
-        [("layer", n, form) for n in (128, 512) for form in plain + DECAYS] +
+        [("layer", n, form) for n in (128, 512) for form in plain + VARIANTS] +
         [("model", n, form) for n in (128, 512) for form in plain])
     assert all(r["token_s"] > 0 and r["token_bytes"] > 0 for r in train)
     for level in ("## layer", "## model"):
         table = md["bench_train"].split(level, 1)[1]
         assert [row[:2] for row in _table(table, "| length |")] == [["128", "8"], ["512", "2"]]
-    decay_table = md["bench_train"].split("## layer: decay", 1)[1]
-    assert [row[:2] for row in _table(decay_table, "| length |")] == [["128", "8"], ["512", "2"]]
-    assert len(_table(md["bench_train"], "| target |")) == 4 + len(DECAYS)
+    variants_md = md["bench_train"].split("## layer: decay", 1)[1]
+    assert [row[:2] for row in _table(variants_md, "| length |")] == [["128", "8"], ["512", "2"]]
+    assert all(f"| {m} / t2r |" in variants_md.split("\n\n")[1] for m in VARIANTS)
+    goals = [row[0] for row in _table(md["bench_train"], "| target |")]
+    assert len(goals) == 4 + len(VARIANTS) + 1 and goals[-1].startswith("chunked t2r_window faster than softmax")
 
     # Generation memory: each model and length in its own process, then one ratio row per model.
     memory = data["generation_memory"]["memory"]
