@@ -24,7 +24,7 @@ HELP = dict(lengths="decode prefix lengths", seconds="decode: timed seconds per 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test in under a minute (overrides the size flags)")
-    p.add_argument("--only", default="decode,train,memory", help="which reports, comma-separated")
+    p.add_argument("--only", default="decode,train,memory", help="which reports (decode: SequenceGenerator too)")
     p.add_argument("--out", help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one: CPU time is then the work itself)")
     for name, default in SIZES.items():
@@ -35,6 +35,8 @@ def parse_args(argv=None):
         vars(args).update(QUICK)
     args.out = pathlib.Path(args.out or ("/tmp/t2r_bench_quick" if args.quick else "results"))
     args.only = set(args.only.split(","))
+    if not args.only <= {"decode", "train", "memory"}:
+        p.error(f"--only takes decode, train, memory (comma-separated), got {','.join(sorted(args.only))}")
     return args
 
 

@@ -117,3 +117,9 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith(("| 1 |", "| 4 |"))] == [
         ["| 1", str(n)] for n in QUICK_LENGTHS] + [["| 4", str(n)] for n in QUICK_LENGTHS], table
     assert "T2R " in readme.generation_memory() and "(1." in readme.generation_memory()
+
+
+def test_unknown_report_is_a_one_line_error():
+    proc = run([sys.executable, "-m", "benchmarks.run", "--only", "decode,generate"], cwd=ROOT, check=False)
+    assert proc.returncode == 2 and "--only takes decode, train, memory (comma-separated), got decode,generate" \
+        in proc.stderr.splitlines()[-1]
