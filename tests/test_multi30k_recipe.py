@@ -14,7 +14,8 @@ TINY_RECIPE = ["--train-lines", 200, "--valid-lines", 30, "--test-lines", 20, "-
                "--finetune-updates", 3, "--max-tokens", 1024,
                # The ELU row runs the same code path as T2R with one more flag, and the interleaved
                # re-timing repeats the rows' own generate runs: skipping both saves five CLI runs.
-               "--rows", "teacher,t2r_pretrain,teacher_continued", "--speed-repeats", 0]
+               # t2r_window_distill: every new piece at once (window, transfer criterion with label smoothing, KL).
+               "--rows", "teacher,t2r_pretrain,teacher_continued,t2r_window_distill", "--speed-repeats", 0]
 
 
 @pytest.mark.skipif(not (MULTI30K / "train.en").is_file(), reason=f"needs Multi30k at {MULTI30K}")
@@ -24,9 +25,9 @@ def test_multi30k_recipe_runs_at_tiny_size(tmp_path):
            "--results", results, *TINY_RECIPE]
     run(cmd)
     recorded = json.loads(results.read_text())
-    assert set(recorded) == {"teacher", "t2r_pretrain", "teacher_continued", "setup"}
+    assert set(recorded) == {"teacher", "t2r_pretrain", "teacher_continued", "t2r_window_distill", "setup"}
     # teacher_continued gets exactly the updates T2R's finetuning got.
-    for name, updates in (("teacher", 8), ("t2r_pretrain", 3), ("teacher_continued", 3)):
+    for name, updates in (("teacher", 8), ("t2r_pretrain", 3), ("teacher_continued", 3), ("t2r_window_distill", 3)):
         row = recorded[name]
         assert 0.0 <= row["bleu"] <= 100.0 and row["updates"] == updates, row
         assert row["sentences_per_s_runs"] == [row["sentences_per_s"]] and row["sentences_per_s"] > 0
@@ -35,6 +36,8 @@ def test_multi30k_recipe_runs_at_tiny_size(tmp_path):
     commands = "\n".join(recorded["setup"]["commands"])
     assert "--task t2r_translation" in commands and "--convert-from" in commands
     assert "--finetune-from-model" in commands
+    assert "--criterion t2r_attention_transfer" in commands and "--distill-kl-weight 0.5" in commands
+    assert recorded["t2r_window_distill"]["t2r_options"].startswith("--t2r-window 64")
     assert {"machine", "date"} <= set(recorded["setup"])
     rerun_keeps_recorded_rows(cmd, results, tmp_path / "work")
     # The README's fairseq-interactive command, with the recipe's sentencepiece model.

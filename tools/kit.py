@@ -36,9 +36,8 @@ def run_logged(cmd, log_path, on_line=None) -> str:
     log_path = pathlib.Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` shows progress as it happens
         log.write(shlex.join(cmd) + "\n\n")
-        log.flush()
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))

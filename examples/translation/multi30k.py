@@ -6,8 +6,9 @@ Rows: a softmax transformer teacher; the teacher trained on for the finetuning b
 (`teacher_continued`, the fair baseline when the teacher has not converged); T2R converted from it
 with `--task t2r_translation --convert-from` and finetuned for that budget: plain (the paper's),
 with a softmax window in decoder self-attention (`t2r_window`), with attention transfer of the
-decoder self- and cross-attention first (`t2r_transfer`), and both (`t2r_window_transfer`); ELU+1
-on request (`--rows elu_pretrain`). Each row: detokenized sacreBLEU on test_2016_flickr (beam 5)
+decoder self- and cross-attention first (`t2r_transfer`), both (`t2r_window_transfer`), and both
+with a KL term towards the teacher's next-token distribution (`t2r_window_distill`); ELU+1 on
+request (`--rows elu_pretrain`). Each row: detokenized sacreBLEU on test_2016_flickr (beam 5)
 and fairseq-generate's own sentences/s (best of interleaved repeats).
 Results accumulate in results/multi30k.json after every row, so an interrupted run continues
 where it stopped (`--force ROW` reruns one).
@@ -132,6 +133,7 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=64, help="--t2r-window of the window rows")
     p.add_argument("--transfer-only-updates", type=int, default=200,
                    help="--attention-transfer-only-updates of the transfer rows")
+    p.add_argument("--kl-weight", type=float, default=0.5, help="--distill-kl-weight of t2r_window_distill")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
@@ -139,7 +141,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process: on a shared CPU one thread measured 2-7x faster per update "
                         "than two (spin-waiting threads)")
-    p.add_argument("--rows", default="teacher,teacher_continued,t2r_pretrain,t2r_window,t2r_transfer,t2r_window_transfer",
+    p.add_argument("--rows", default="teacher,teacher_continued,t2r_pretrain,t2r_window,t2r_transfer,t2r_window_transfer,"
+                           "t2r_window_distill",
                    help="comma-separated rows to run")
     p.add_argument("--speed-repeats", type=int, default=2,
                    help="after training, time every model's generation this many more times (interleaved)")
@@ -182,6 +185,9 @@ def main(argv=None):
         "t2r_window": (t2r + window + softmax, args.finetune_updates, args.finetune_lr),
         "t2r_transfer": (t2r + transfer, args.finetune_updates, args.finetune_lr),
         "t2r_window_transfer": (t2r + window + transfer, args.finetune_updates, args.finetune_lr),
+        # ... plus the teacher's next-token distribution as a second target (KL term).
+        "t2r_window_distill": (t2r + window + transfer + ["--distill-kl-weight", args.kl_weight], args.finetune_updates,
+                               args.finetune_lr),
         "elu_pretrain": (t2r + ["--t2r-feature-map", "elu"] + softmax, args.finetune_updates, args.finetune_lr),
     }
     force = set(filter(None, args.force.split(",")))
