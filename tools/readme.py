@@ -150,6 +150,7 @@ WIKITEXT2_ROWS = (
     ("t2r_window", "T2R + pretrain, softmax window 64 + linear", "32"),
     ("t2r_window_transfer", "T2R + pretrain, softmax window 64 + linear, attention transfer", "32"),
     ("t2r_window_gated", "T2R + pretrain, softmax window 64 + linear, gated decay", "32"),
+    ("t2r_window_distill", "T2R + pretrain, softmax window 64 + linear, attention transfer + KL to the teacher", "32"),
 )
 
 

@@ -166,6 +166,10 @@ def main(argv=None):
         # state forget, so that scoring with the whole history (state carried) stays good.
         "t2r_window_gated": (t2r + convert + ["--t2r-window", "64", "--t2r-decay", "gated"], n_finetune,
                              args.finetune_lr),
+        # The window with both distillation targets: the teacher's attention outputs and its
+        # next-token distribution (KL, weight 0.5).
+        "t2r_window_distill": (t2r + convert + ["--t2r-window", "64", "--criterion", "t2r_attention_transfer",
+                                                "--distill-kl-weight", "0.5"], n_finetune, args.finetune_lr),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
