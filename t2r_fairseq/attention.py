@@ -141,6 +141,8 @@ class T2RSelfAttention(_LinearAttention):
     fold_feature_map (T2R's map only, whose first layer is linear): phi(y) = relu(W y + b) is
     folded into q_proj and k_proj, and q, k and v come out of one matmul; False runs the textbook
     form (projections, then the feature map). Both compute the same function of the same parameters.
+    A window needs the raw q and k as well, so with one the form is always the textbook one (folding
+    would only add the folded rows to the matmul).
 
     decay (decay.py): none, fixed, learned or gated decay of the state, g_t per head. A padded key
     position leaves the state as it was: its features are zero and its gate is 1.
@@ -156,7 +158,7 @@ class T2RSelfAttention(_LinearAttention):
                  window: int = 0):
         super().__init__(embed_dim, num_heads, feature_map=feature_map, feature_dim=feature_dim)
         self.chunk_size = chunk_size
-        self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap)
+        self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap) and not window
         self.decay = build_decay(decay, num_heads, embed_dim)
         self.window = window
         if window:
@@ -212,13 +214,9 @@ class T2RSelfAttention(_LinearAttention):
         if self.folded:
             torch.relu_(qkv[..., :2 * width])  # the map's relu; its linear layer is in the weights
         gate_width = self.num_heads if self.decay is not None and self.decay.from_input else 0
-        raw_width = 2 * self.embed_dim if self.window and self.folded else 0  # unfolded: q and k are raw
-        q, k, v1, gate_logits, raw = qkv.split(
-            [width, width, qkv.size(-1) - 2 * width - gate_width - raw_width, gate_width, raw_width], dim=-1)
+        q, k, v1, gate_logits = qkv.split([width, width, qkv.size(-1) - 2 * width - gate_width, gate_width], dim=-1)
         q, k, v1 = self._heads(q), self._heads(k), self._heads(v1)
-        raw_q = raw_k = None
-        if self.window:
-            raw_q, raw_k = (self._heads(t) for t in raw.chunk(2, dim=-1)) if self.folded else (q, k)
+        raw_q, raw_k = (q, k) if self.window else (None, None)  # never folded with a window
         if not self.folded:
             q, k = self.feature_map(q), self.feature_map(k)
         log_g = self.decay.log_gates(gate_logits) if gate_width else weights.get("log_g")
@@ -228,8 +226,8 @@ class T2RSelfAttention(_LinearAttention):
 
     def _weights(self, incremental_state: IncrementalState) -> Dict[str, Tensor]:
         """What the forward pass derives from the parameters: (weight, bias) of the matmul
-        x -> [q | k | v1 | gate logits (| raw q | raw k: folded, with a window)], folded if
-        self.folded, and the per-head log-gates of a fixed or learned decay.
+        x -> [q | k | v1 | gate logits], folded if self.folded, and the per-head log-gates of a fixed
+        or learned decay.
 
         With autograd on they are built on every call, so gradients reach every parameter as in
         the textbook form. Without autograd, decoding builds them once per run and keeps them in
@@ -252,8 +250,6 @@ class T2RSelfAttention(_LinearAttention):
         rows = [(wq, bq), (wk, bk), self._value_weights()]
         if self.decay is not None and self.decay.from_input:
             rows.append((self.decay.weight.to(wq.dtype), self.decay.bias.to(wq.dtype)))
-        if self.window and self.folded:
-            rows += [(self.q_proj.weight, self.q_proj.bias), (self.k_proj.weight, self.k_proj.bias)]
         weights = {"weight": torch.cat([w for w, _ in rows]), "bias": torch.cat([b for _, b in rows])}
         if self.decay is not None and not self.decay.from_input:
             weights["log_g"] = self.decay.log_gates()

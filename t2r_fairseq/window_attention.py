@@ -246,34 +246,42 @@ def packed_window_attention_step(q: Tensor, k: Tensor, v1: Tensor, phi_q: Tensor
     feat = phi_q.size(-1)
     state = empty_window_state(q, phi_q, v1, window) if state is None else state
     acc = state.packed.dtype
-    valid = _valid(padding, batch, 1, q.device)  # (b, 1)
-    a = _log_gates(log_g, batch, heads, 1, valid, acc)  # (b, h, 1)
+    # Decoding has no padding and, without decay, every age is 0: those steps skip what would
+    # multiply by one (a decode step is dozens of small ops, each of which costs).
+    valid = None if padding is None else _valid(padding, batch, 1, q.device)  # (b, 1)
+    a = None if log_g is None else _log_gates(log_g, batch, heads, 1, _valid(padding, batch, 1, q.device), acc)
     slot = (state.count % window).view(batch, 1, 1, 1).expand(batch, heads, 1, state.ring.size(-1))
     leaving = state.ring.gather(2, slot)  # (b, h, 1, columns), a copy
     _, leaving_phi, leaving_v1, leaving_age = _split_ring(leaving, head_dim, feat)
     # The leaving key has aged by this step's gate too; an empty slot holds zeros and adds nothing.
-    weight = (leaving_age + a).exp() * valid[:, None, :]  # (b, h, 1)
-    leaving_kv = (leaving_phi * weight.unsqueeze(-1)).transpose(-1, -2)  # (b, h, feat, 1)
-    entry = torch.where(valid[:, None, :, None], _ring_entries(k, phi_k, v1, acc), leaving)
+    if a is not None:
+        leaving_phi = leaving_phi * (leaving_age + a).exp().unsqueeze(-1)
+    if valid is not None:
+        leaving_phi = leaving_phi * valid[:, None, :, None]
+    leaving_kv = leaving_phi.transpose(-1, -2)  # (b, h, feat, 1)
+    entry = _ring_entries(k, phi_k, v1, acc)
+    if valid is not None:
+        entry = torch.where(valid[:, None, :, None], entry, leaving)
+    added = 1 if valid is None else valid[:, 0].long()
     packed, ring, count = state
     if inplace:
-        if log_g is not None:
+        if a is not None:
             packed.mul_(a.exp().unsqueeze(-1))
             ring[..., -1].add_(a)
         packed.addcmul_(leaving_kv, leaving_v1)
         ring.scatter_(2, slot, entry)
-        count.add_(valid[:, 0].long())
+        count.add_(added)
     else:
-        if log_g is not None:
+        if a is not None:
             packed = packed * a.exp().unsqueeze(-1)
             ring = torch.cat([ring[..., :-1], (ring[..., -1] + a).unsqueeze(-1)], dim=-1)
         packed = torch.addcmul(packed, leaving_kv, leaving_v1)
         ring = ring.scatter(2, slot, entry)
-        count = count + valid[:, 0].long()
+        count = count + added
     keys, _, values, _ = _split_ring(ring, head_dim, feat)
-    scores = (q.to(acc) @ keys.transpose(-1, -2)) * head_dim ** -0.5  # (b, h, 1, W)
-    filled = torch.arange(window, device=q.device) < count[:, None]  # (b, W)
-    scores = scores.masked_fill(~filled[:, None, None, :], -torch.inf)
+    scores = (q.to(acc) * head_dim ** -0.5) @ keys.transpose(-1, -2)  # (b, h, 1, W)
+    empty = torch.arange(window, device=q.device) >= count[:, None]  # (b, W): slots not yet written
+    scores = scores.masked_fill(empty[:, None, None, :], -torch.inf)
     out = _combine(scores, values, phi_q.to(acc) @ packed, _head_column(log_balance, acc))
     return out.to(v1.dtype), WindowState(packed, ring, count)
 

@@ -222,9 +222,8 @@ def _attention(window, decay="none", fold=True, feature_map="t2r", seed=0):
 
 
 @pytest.mark.parametrize("decay", ["none", "gated"])
-@pytest.mark.parametrize("fold", [True, False])
-def test_module_is_the_textbook_form(decay, fold):
-    attn = _attention(5, decay, fold)
+def test_module_is_the_textbook_form(decay):
+    attn = _attention(5, decay)
     x = _x(time=30)
     with torch.no_grad():
         q, k = _heads(attn, attn.q_proj(x)), _heads(attn, attn.k_proj(x))
@@ -249,14 +248,15 @@ def test_window_covering_the_input_is_the_softmax_teacher():
         torch.testing.assert_close(student(x, x, x)[0], teacher(x, x, x, attn_mask=causal)[0], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("decay", ["none", "gated"])
-def test_folded_and_plain_agree_in_values_and_gradients(decay):
-    folded, plain = _attention(6, decay, fold=True), _attention(6, decay, fold=False)
-    assert folded.folded and not plain.folded
+def test_window_runs_the_textbook_projections():
+    """The window reads the raw q and k, so the folded form would only add rows to the matmul: a
+    window module never folds, and its one matmul is q, k, v (and the ones column) alone."""
+    attn = _attention(6, fold=True)
+    assert not attn.folded
+    assert attn._build_weights()["weight"].shape == (3 * 16 + 2, 16)  # [q | k | v | 1 per head]
     x = _x()
-    for a, b in zip(outputs_and_gradients(folded, x), outputs_and_gradients(plain, x)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert folded.log_balance.grad.abs().min() > 0  # the balance learns
+    outputs_and_gradients(attn, x)
+    assert attn.log_balance.grad.abs().min() > 0  # the balance learns
 
 
 @pytest.mark.parametrize("decay", ["none", "gated"])
