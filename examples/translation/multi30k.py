@@ -191,7 +191,6 @@ def main(argv=None):
         "elu_pretrain": (t2r + ["--t2r-feature-map", "elu"] + softmax, args.finetune_updates, args.finetune_lr),
     }
     force = set(filter(None, args.force.split(",")))
-    trained = []
     for name in filter(None, args.rows.split(",")):
         if name not in rows:
             sys.exit(f"error: unknown row {name!r}; rows are {', '.join(rows)}")
@@ -226,11 +225,11 @@ def main(argv=None):
             row["init"] = "teacher (update 0: the teacher's weights)"
         log(f"{name}: {row}")
         record(args, store, name, row, commands)
-        trained.append(name)
 
-    if trained and args.speed_repeats:
-        # Other jobs share the CPU, so one timing can be slowed by whatever ran beside it. Time every
-        # model again, interleaved, and report the best run of each: the least disturbed one.
+    if args.speed_repeats:
+        # One timing can be slowed by whatever ran beside it. Time every recorded model again,
+        # interleaved, and report the best run of each: the least disturbed one (`--rows ''` times
+        # without training anything).
         results = store.load()
         names = [n for n in rows if n in results and (args.work / n / "checkpoint_last.pt").exists()]
         load = kit.load_average()
