@@ -1,8 +1,6 @@
-"""Numerical agreement of the forms being timed, checked before any timing counts: a fast form
-that computes something else would make every ratio meaningless."""
+"""Numerical agreement of the timed models, checked before any timing counts: a fast form that computes
+something else would make every ratio meaningless. (The attention math alone: tests/test_linear_attention.py.)"""
 import torch
-
-from t2r_fairseq import linear_attention as la
 
 from .models import prefill, t2r_twin
 
@@ -14,29 +12,15 @@ def _diff(*pairs):
 def run_checks(models, *, vocab, prefix=96, steps=8, seed=0, log=print):
     """[(what, max |difference|, tolerance)], logged; stops the run (SystemExit) if one is out of tolerance."""
     results, g = [], torch.Generator().manual_seed(seed)
-
-    # The math, float64: chunked (two chunk sizes) and step-by-step against the quadratic form.
-    q, k = (torch.rand(2, 3, 257, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    v = torch.randn(2, 3, 257, 16, generator=g, dtype=torch.float64)
-    s0 = (torch.randn(2, 3, 8, 16, generator=g, dtype=torch.float64),
-          torch.rand(2, 3, 8, generator=g, dtype=torch.float64))
-    ref, (ref_s, ref_z) = la.naive_causal_linear_attention(q, k, v, initial_state=s0)
-    for name, (out, (s, z)) in {"chunked(64)": la.causal_linear_attention(q, k, v, initial_state=s0),
-                                "chunked(16)": la.causal_linear_attention(q, k, v, initial_state=s0, chunk_size=16),
-                                "step-by-step": la.recurrent_linear_attention(q, k, v, initial_state=s0)}.items():
-        results.append((f"math float64: {name} vs naive (outputs, S, z)",
-                        _diff((out, ref), (s, ref_s), (z, ref_z)), 1e-9))
-
-    # Whole models, float32: prefill + single-token steps (the path timed) vs one full forward.
     tokens = torch.randint(4, vocab, (2, prefix + steps), generator=g)
     t2r, plain = models["t2r"], t2r_twin(models["t2r"], fold_feature_map=False)  # the textbook form, same weights
     with torch.no_grad():
-        for name, model in models.items():
+        for name, model in models.items():  # prefill + single-token steps (the path timed) vs one full forward
             state = prefill(model, tokens[:, :prefix])
-            inc = torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
-                             for t in range(prefix, prefix + steps)], dim=1)
+            steps_out = torch.cat([model.decoder(tokens[:, :t + 1], incremental_state=state)[0]
+                                   for t in range(prefix, prefix + steps)], dim=1)
             results.append((f"{name}: prefill + {steps} incremental steps vs full forward (logits)",
-                            _diff((inc, model.decoder(tokens)[0][:, prefix:])), 1e-3))
+                            _diff((steps_out, model.decoder(tokens)[0][:, prefix:])), 1e-3))
         results.append(("t2r: feature map folded into one q/k/v matmul vs unfolded (logits)",
                         _diff((t2r.decoder(tokens)[0], plain.decoder(tokens)[0])), 1e-3))
     # Training: chunked vs one chunk (the T x T form) on a layer, outputs and input gradients.

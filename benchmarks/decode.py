@@ -1,19 +1,13 @@
-"""Decoding through fairseq's own incremental decoding (model.decoder(tokens, incremental_state=...)):
-time and memory per step, and end-to-end fairseq SequenceGenerator runs.
-
-Per (prefix length L, batch B): the prefix is read once at batch 1 (`models.prefill`) and copied to
-B rows with the decoder's own reorder_incremental_state (what beam search does); then single-token
-steps are timed, the models of a group (and in side-by-side groups the prefix lengths) taking turns
-(A B C, B C A, ...), so that changes in machine load hit all alike. Key/value caches are put back to
-length L before every step (outside the timer), so each step attends over exactly L keys; a recurrent
-state simply keeps going. Times: the median process CPU time of one torch thread (the work itself).
-"""
+"""Time and memory of one decode step through fairseq's incremental decoding. Per (prefix length L,
+batch B): the prefix is read once (`models.prefill`) and copied to B rows by the decoder's own
+reorder_incremental_state (as beam search does); then single-token steps are timed, the models (and in
+side-by-side groups the lengths) taking turns (A B C, B C A, ...) so that changes in machine load hit
+all alike. A kv cache is put back to L keys before every step; a recurrent state simply keeps going.
+Times: the median process CPU time of one torch thread (the work itself)."""
 import functools
-import itertools
 import statistics
 
 import torch
-from fairseq.sequence_generator import SequenceGenerator
 
 from .measure import peak_bytes, row_line, timed
 from .models import prefill, state_bytes
@@ -73,24 +67,4 @@ def decode_rows(models, lengths, batches, *, vocab, side_by_side=False, seconds=
                     rows.append(dict(length=n, batch=batch, model=m, **row))
                     log(row_line(rows[-1]))
             del runs  # before the next prefill: long caches are large
-    return rows
-
-
-def sequence_generation(model, *, length, beam=1):
-    """A call generating exactly `length` tokens with fairseq's SequenceGenerator; returns the best hypothesis."""
-    dictionary = model.decoder.dictionary
-    sample = {"net_input": {"src_tokens": torch.tensor([[dictionary.eos()]]), "src_lengths": torch.tensor([1])}}
-    generator = SequenceGenerator([model], dictionary, beam_size=beam, max_len_a=0, max_len_b=length, min_len=length)
-    return lambda: generator.generate([model], sample)[0][0]["tokens"]
-
-
-def generation_rows(models, *, length, beams, log=print):
-    """sequence_generation for every model and beam size; CPU time of one run after a warm-up."""
-    rows = []
-    for beam, (name, model) in itertools.product(beams, models.items()):
-        generate, tokens = sequence_generation(model, length=length, beam=beam), []
-        sequence_generation(model, length=8, beam=beam)()  # warm-up
-        cpu = timed(lambda: tokens.append(generate()))[1]
-        rows.append(dict(model=name, beam=beam, length=tokens[0].numel(), seconds=cpu))
-        log(row_line(rows[-1]))
     return rows

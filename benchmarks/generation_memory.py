@@ -1,14 +1,7 @@
-"""Memory of long generation: the peak resident set size (RSS) of a process in which fairseq's
-SequenceGenerator (beam 1, batch 1) produces exactly N tokens, T2R (a constant-size state) against
-the softmax transformer_lm of the same shape (a key/value cache that grows with every token).
-
-RSS, not tensor bytes: what the user's process needs, Python objects and allocator caches included.
-Each (model, N) runs in a fresh process that builds the same model (positions for the longest N),
-generates a few tokens (one-time allocations), returns freed heap pages to the kernel (malloc_trim:
-else generation would reuse the build's resident pages unseen), resets the kernel's RSS high-water
-mark (VmHWM; "5" written to /proc/self/clear_refs, which keeps the build's transient peak out),
-reads it as the baseline, generates N tokens and reads it again as the peak.
-"""
+"""Memory of long generation: peak resident set size (RSS: Python and allocator caches included) and CPU time
+while fairseq's SequenceGenerator (beam 1, batch 1) produces exactly N tokens, T2R (a constant-size state) vs softmax
+(a kv cache). Each (model, N) runs in a fresh process: build, generate a few tokens, malloc_trim (else generation
+reuses freed pages unseen), reset the RSS high-water mark (VmHWM) as the baseline, generate N tokens, read the peak."""
 import ctypes
 import gc
 import itertools
@@ -33,10 +26,19 @@ def _peak_rss_bytes():
     return int(kib) * 1024
 
 
+def sequence_generation(model, *, length):
+    """A call generating exactly `length` tokens with fairseq's SequenceGenerator."""
+    from fairseq.sequence_generator import SequenceGenerator  # after _measure silenced fairseq's import chatter
+
+    dictionary = model.decoder.dictionary
+    sample = {"net_input": {"src_tokens": torch.tensor([[dictionary.eos()]]), "src_lengths": torch.tensor([1])}}
+    generator = SequenceGenerator([model], dictionary, beam_size=1, max_len_a=0, max_len_b=length, min_len=length)
+    return lambda: generator.generate([model], sample)
+
+
 def _measure(model_name, length, max_positions, threads, shape):
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)  # before fairseq's import-time chatter
-    from .decode import sequence_generation
     from .models import build_models
 
     torch.set_num_threads(threads)

@@ -26,14 +26,10 @@ def timed(fn):
 
 
 def row_line(row):
-    """A measured row as one progress line: seconds as ms, bytes in binary units."""
+    """A measured row as one progress line: bytes in binary units, other floats to 3 significant digits."""
     def show(key, value):
-        if key.endswith("bytes"):
-            return f"{key[:-6] or 'bytes'} {human_bytes(value)}"
-        if key.endswith("_s") and isinstance(value, float):
-            return f"{key[:-2]} {value * 1e3:.2f} ms"
-        return f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
-    return "  " + ", ".join(show(k, v) for k, v in row.items())
+        return human_bytes(value) if key.endswith("bytes") else f"{value:.3g}" if isinstance(value, float) else value
+    return "  " + ", ".join(f"{key} {show(key, value)}" for key, value in row.items())
 
 
 def human_bytes(n: float) -> str:

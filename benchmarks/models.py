@@ -1,8 +1,6 @@
-"""The models the benchmarks compare, built in one process with identical shapes and weights:
-softmax (fairseq's `transformer_lm`, a key/value cache while decoding); t2r (`t2r_lm`: the softmax
-weights plus T2R feature maps); the VARIANTS (t2r plus one option, its new tensors as initialised);
-floor (the softmax model without attention *mixing*: each position's output is out_proj(v)): no
-attention variant does less work per token, so T2R/floor is the price of recurrence."""
+"""The models compared, with identical shapes and weights: softmax (fairseq's `transformer_lm`); t2r (`t2r_lm`:
+the softmax weights plus T2R feature maps); the VARIANTS (t2r plus one option, its new tensors as initialised);
+floor (softmax without attention *mixing*: out_proj(v)): no attention variant does less work per token."""
 import copy
 import pathlib
 from types import SimpleNamespace
@@ -73,9 +71,8 @@ def t2r_twin(model, **options):
 
 
 def prefill(model, tokens, chunk=256):
-    """The incremental state after reading `tokens` (batch, time) in one parallel forward pass: T2R
-    through its multi-token incremental path (attention.prefill); fairseq's softmax modules, given an
-    incremental state, read only the last token, so each is fed its own input in chunks."""
+    """The incremental state after reading `tokens` (batch, time) in one parallel pass (attention.prefill);
+    fairseq's softmax modules, given an incremental state, read only the last token: each is fed its input."""
     state = {}
 
     def fill_cache(module, args, kwargs, _output):

@@ -78,22 +78,16 @@ def write(out, name, header, title, module, lines, checks=(), **rows):
     (out / f"{name}.json").write_text(json.dumps({"header": {**header, "load_end": end}, **rows}, indent=1) + "\n")
 
 
-def write_decode(out, header, checks, decode, constant, variants, generate):
-    """Every model at every (batch, L); T2R alone at every L, side by side; each variant beside plain T2R
-    and the floor at the shortest and the longest L, side by side; targets; SequenceGenerator runs."""
+def write_decode(out, header, checks, decode, constant, variants):
+    """Tables and targets of the three decode_rows runs: every model, T2R alone over L, the variants."""
     grid, flat = pivot(decode, ["batch", "length"], "model"), pivot(constant, ["batch"], "length")
     lengths = sorted({x["length"] for x in grid})
     short, long = lengths[0], lengths[-1]
-    first = {x["batch"]: x["t2r"] for x in grid if x["length"] == short}
-    wall = lambda x: " / ".join(f"{x[m]['wall_s'] * 1e3:.1f}" for m in LABELS)  # noqa: E731
     lines = table([("batch", field("batch")), ("prefix L", field("length")),
                    *((f"{label} ms", at(m, "step_s", ms)) for m, label in LABELS.items()),
-                   ("softmax / T2R", over("softmax", "t2r")), ("T2R / floor", over("t2r", "floor")),
-                   ("T2R(L) / T2R(shortest)", lambda x: two(ratio(x["t2r"], first[x["batch"]]))),
-                   ("wall ms: softmax / T2R / floor", wall)],
+                   ("softmax / T2R", over("softmax", "t2r")), ("T2R / floor", over("t2r", "floor"))],
                   grid, "Time per decode step", "*floor*: the same model without attention mixing (projections, FFN "
-                  "and output layer kept): no attention variant can beat it. T2R(L) / T2R(shortest) would be 1.00 "
-                  "without noise.")
+                  "and output layer kept): no attention variant can beat it.")
     lines += table([("batch", field("batch")), *((f"L={n} ms", at(n, "step_s", ms)) for n in lengths),
                     ("longest / shortest", over(long, short))], flat, "T2R after every prefix length, side by side",
                    "The T2R model alone, one state per prefix length, taking turns: only the prefix length differs.")
@@ -102,10 +96,9 @@ def write_decode(out, header, checks, decode, constant, variants, generate):
                     ("T2R state held", at("t2r", "state_bytes", human_bytes)),
                     ("cache / state", over("softmax", "t2r", "state_bytes", "{:.0f}".format)),
                     *((f"{label} peak in a step", at(m, "peak_bytes", human_bytes)) for m, label in LABELS.items())],
-                   grid, "Memory of decoding", "Torch tensor bytes. *held*: the incremental state (softmax: the kv "
-                   "cache; T2R: [S | z], without its folded projection weights, shared by all sequences). *peak*: "
-                   "allocations minus frees (torch.profiler) while copying the prefix state to the batch and taking "
-                   "one step.")
+                   grid, "Memory of decoding", "Torch tensor bytes. *held*: the incremental state (T2R: [S | z], not "
+                   "its projection weights, shared by all sequences). *peak*: while copying the prefix state to the "
+                   "batch and taking one step.")
     items = pivot(variants, ["batch", "model"], "length")
     floor = {x["batch"]: x for x in items if x["model"] == "floor"}
     over_floor = lambda x, n: ratio(x[n], floor[x["batch"]][n])  # noqa: E731
@@ -132,38 +125,8 @@ def write_decode(out, header, checks, decode, constant, variants, generate):
                    max((over_floor(x, n) for x in mine for n in (short, long)), default=None), le, bound),
                   (f"{m} step at prefix {long} within {FLAT:.2f}x of prefix {short}, every batch (worst)",
                    max((ratio(x[long], x[short]) for x in mine), default=None), le, FLAT)]
-    _plot(out / "bench_decode.png", grid)
-    lines += ["![decode step time](bench_decode.png)", ""] + targets(goals)
-    lines += table([("beam", field("beam")), ("tokens", lambda x: x["t2r"]["length"]),
-                    ("softmax s", at("softmax", "seconds", two)), ("T2R s", at("t2r", "seconds", two)),
-                    ("softmax / T2R", over("softmax", "t2r", "seconds")),
-                    ("T2R tokens/s", lambda x: f"{x['t2r']['length'] / x['t2r']['seconds']:.0f}")],
-                   pivot(generate, ["beam"], "model"), "End to end: fairseq SequenceGenerator", "Batch 1, "
-                   "one-token prompt, exactly the given number of tokens (min_len = max_len), beam search reordering "
-                   "the state; one run after a warm-up.")
     write(out, "bench_decode", header, "Decoding: softmax (kv cache) vs T2R (recurrent state) vs floor", decode_module,
-          lines, checks, decode=decode, constant=constant, variants=variants, generate=generate)
-
-
-def _plot(path, grid):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = sorted({x["batch"] for x in grid})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
-    for ax, b in zip(axes[0], batches):
-        lengths = [x["length"] for x in grid if x["batch"] == b]
-        for m, style in (("softmax", "o-"), ("t2r", "s-"), ("floor", "^--")):
-            ax.loglog(lengths, [x[m]["step_s"] * 1e3 for x in grid if x["batch"] == b], style, label=m)
-        ax.set(xlabel="prefix length", ylabel="ms per decode step (CPU time)", title=f"batch {b}")
-        ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+          lines + targets(goals), checks, decode=decode, constant=constant, variants=variants)
 
 
 def write_train(out, header, checks, train):
@@ -206,9 +169,7 @@ def write_memory(out, header, memory):
     lines += table([("model", field("model")),
                     (f"peak({long}) / peak({short})", over(long, short, "peak_bytes", "{:.3f}".format)),
                     (f"increment({long}) / increment({short})",
-                     lambda x: over(long, short, "increment_bytes")(x) if x[short]["increment_bytes"] > 0 else "-"),
-                    (f"increment({long}) - increment({short})",
-                     lambda x: human_bytes(x[long]["increment_bytes"] - x[short]["increment_bytes"]))],
+                     lambda x: over(long, short, "increment_bytes")(x) if x[short]["increment_bytes"] > 0 else "-")],
                    items, f"{long} tokens vs {short}", "The baseline (Python, torch, fairseq, the weights) dominates "
                    "the peak; the increments are what generation adds.")
     t2r = next(x for x in items if x["model"] == "t2r")

@@ -11,25 +11,22 @@ import warnings
 from tools import kit
 
 SIZES = dict(layers=6, dim=512, heads=8, vocab=8000, feature_dim=32, lengths=[128, 512, 1024, 2048, 4096, 8192],
-             batches=[1, 16], seconds=3.0, gen_length=512, beams=[1, 5], memory_lengths=[512, 8192],
-             train_lengths=[512, 1024, 2048, 4096, 8192], train_tokens=8192, train_model_lengths=[512, 4096],
-             train_model_tokens=4096, naive_max_length=2048)
+             batches=[1, 16], seconds=3.0, memory_lengths=[512, 8192], train_lengths=[512, 1024, 2048, 4096, 8192],
+             train_tokens=8192, train_model_lengths=[512, 4096], train_model_tokens=4096, naive_max_length=2048)
 QUICK = dict(layers=2, dim=128, heads=4, vocab=1000, feature_dim=16, lengths=[64, 512], batches=[1, 4], seconds=0.3,
-             gen_length=32, train_lengths=[128, 512], train_model_lengths=[128, 512], train_tokens=1024,
-             train_model_tokens=1024, memory_lengths=[32, 128])
-HELP = dict(lengths="decode prefix lengths", seconds="decode: timed seconds per model and configuration",
-            train_tokens="tokens per step of the one-layer rows (batch = tokens // length)")
+             train_lengths=[128, 512], train_model_lengths=[128, 512], train_tokens=1024, train_model_tokens=1024,
+             memory_lengths=[32, 128])
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test in under a minute (overrides the size flags)")
-    p.add_argument("--only", default="decode,train,memory", help="which reports (decode: SequenceGenerator too)")
+    p.add_argument("--only", default="decode,train,memory", help="which reports")
     p.add_argument("--out", help="results directory (default results/, /tmp/t2r_bench_quick with --quick)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (one: CPU time is then the work itself)")
     for name, default in SIZES.items():
         kind = (lambda text: [int(x) for x in text.split(",") if x]) if isinstance(default, list) else type(default)
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=HELP.get(name, " "))
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help="%(default)s")
     args = p.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
@@ -51,7 +48,7 @@ def main(argv=None):
 
     from . import report
     from .checks import run_checks
-    from .decode import decode_rows, generation_rows
+    from .decode import decode_rows
     from .generation_memory import memory_rows
     from .models import VARIANTS, build_models
     from .train import train_rows
@@ -67,7 +64,7 @@ def main(argv=None):
                         f"vocab {args.vocab}, T2R feature size {args.feature_dim}, float32")
     log(f"{header['warning'] or ''}\n{header['machine']}, 1-minute load average {header['load_start']:.2f}\n"
         f"models: {header['shape']}".lstrip())
-    models = build_models(**shape, max_positions=max(args.lengths + args.train_lengths + [args.gen_length]) + 64)
+    models = build_models(**shape, max_positions=max(args.lengths + args.train_lengths) + 64)
     checks = run_checks(models, vocab=args.vocab, log=log)
     args.out.mkdir(parents=True, exist_ok=True)
     pick = lambda *names: {m: models[m] for m in names}  # noqa: E731
@@ -77,8 +74,7 @@ def main(argv=None):
         constant = decode_rows(pick("t2r"), args.lengths, args.batches, side_by_side=True, **timing)
         variants = decode_rows(pick("t2r", *VARIANTS, "floor"), [min(args.lengths), max(args.lengths)],
                                args.batches, side_by_side=True, **timing)
-        generate = generation_rows(pick("softmax", "t2r"), length=args.gen_length, beams=args.beams, log=log)
-        report.write_decode(args.out, header, checks, decode, constant, variants, generate)
+        report.write_decode(args.out, header, checks, decode, constant, variants)
     if "train" in args.only:
         train = train_rows(models, args.train_lengths, tokens=args.train_tokens, level="layer",
                            naive_max_length=args.naive_max_length, vocab=args.vocab, log=log)

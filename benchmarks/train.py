@@ -1,11 +1,7 @@
-"""Training: forward + backward time and peak memory per token, at a fixed number of tokens per step
-(batch = tokens // length), for one decoder layer and for the whole model (output layer and loss),
-the forms taking turns. Forms: `softmax` (fairseq's MultiheadAttention with its causal mask), `t2r`
-(the chunked parallel form), `t2r-naive` (the same weights in one chunk as long as the sequence: the
-T x T form) and, for one layer, the variants (t2r chunked with a decay, with a sliding window).
-Memory: peak torch tensor bytes allocated in one forward + backward (torch.profiler), per token. Times
-are process CPU time of one torch thread (the work itself), the median over forms taking turns.
-"""
+"""Training: forward + backward per token at a fixed number of tokens per step (batch = tokens // length), for
+one decoder layer and for the whole model (output layer and loss). Forms: softmax (fairseq's, causal mask), t2r
+(chunked), t2r-naive (one chunk as long as the sequence: the T x T form), for one layer the variants. Time: median
+process CPU time of one torch thread, the forms taking turns; memory: peak torch tensor bytes (torch.profiler)."""
 import statistics
 
 import torch
@@ -15,24 +11,18 @@ from .models import t2r_twin
 
 
 def _iteration(model, level, batch, length, vocab, g):
-    """One forward + backward; inputs are made once, outside the timer."""
-    if level == "layer":
-        x = torch.randn(length, batch, model.decoder.embed_dim, generator=g, requires_grad=True)
-        grad = torch.randn(x.shape, generator=g)
-        mask = model.decoder.buffered_future_mask(x)  # None for T2R decoders: causal by construction
-
-        def run():
-            model.decoder.layers[0](x, self_attn_mask=mask)[0].backward(grad)
-    else:
-        tokens = torch.randint(4, vocab, (batch, length + 1), generator=g)
-
-        def run():
-            logits = model.decoder(tokens[:, :-1])[0]
-            torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
+    """One forward + backward of one layer or of the whole model (with the loss); inputs made outside the timer."""
+    x = torch.randn(length, batch, model.decoder.embed_dim, generator=g, requires_grad=True)
+    grad, mask = torch.randn(x.shape, generator=g), model.decoder.buffered_future_mask(x)  # mask: None for T2R
+    tokens = torch.randint(4, vocab, (batch, length + 1), generator=g)
 
     def iteration():
         model.zero_grad(set_to_none=True)
-        run()
+        if level == "layer":
+            model.decoder.layers[0](x, self_attn_mask=mask)[0].backward(grad)
+        else:
+            logits = model.decoder(tokens[:, :-1])[0]
+            torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), tokens[:, 1:].reshape(-1)).backward()
     return iteration
 
 

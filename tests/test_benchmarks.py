@@ -27,18 +27,17 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     assert "BAD" not in proc.stderr
     md = {name: (tmp_path / f"{name}.md").read_text() for name in ("bench_decode", "bench_train", "generation_memory")}
     data = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in md}
-    assert (tmp_path / "bench_decode.png").stat().st_size > 0
     for name in md:
         assert data[name]["header"]["load_start"] >= 0 and data[name]["header"]["load_end"] >= 0
 
-    # Numerical checks (math, every model including each variant, the T2R fast paths, the chunked training
+    # Numerical checks (every model including each variant, the folded T2R fast path, the chunked training
     # form of t2r and t2r_window) ran before timing, all within tolerance.
     for name in ("bench_decode", "bench_train"):
         checks = _table(md[name], "| check |")
         assert [row[0].split(":")[0] for row in checks if "incremental steps" in row[0]] == [
             "softmax", "t2r", "floor", *VARIANTS]
         assert [row[0].split()[0] for row in checks if "chunked vs naive" in row[0]] == ["t2r", "t2r_window"]
-        assert len(checks) == 13 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
+        assert len(checks) == 10 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
 
     decode = data["bench_decode"]
     grid = [(b, n) for b in QUICK_BATCHES for n in QUICK_LENGTHS]
@@ -57,9 +56,6 @@ def test_quick_benchmark_writes_every_table(tmp_path):
         == [[b, n] for b, n in grid]
     assert sorted((r["batch"], r["length"]) for r in decode["constant"]) == grid
     assert [int(row[0]) for row in _table(md["bench_decode"], "| batch | L=64 ms")] == QUICK_BATCHES
-    assert {(r["model"], r["beam"], r["length"]) for r in decode["generate"]} == {
-        (m, beam, 33) for m in ("softmax", "t2r") for beam in (1, 5)}  # 32 tokens and the final eos
-    assert [row[:2] for row in _table(md["bench_decode"], "| beam |")] == [["1", "33"], ["5", "33"]]
     # Variants: each, plain T2R and the floor taking turns at the shortest and longest prefix; a decay adds
     # nothing to the state, a window its ring of the last W keys: larger, and the same after either prefix.
     # Targets: within a factor of the floor, and flat, per variant.
@@ -97,12 +93,12 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     goals = [row[0] for row in _table(md["bench_train"], "| target |")]
     assert len(goals) == 4 + len(VARIANTS) + 1 and goals[-1].startswith("chunked t2r_window faster than softmax")
 
-    # Generation memory: each model and length in its own process, then one ratio row per model.
+    # Generation memory (and CPU time): each model and length in its own process, then one ratio row per model.
     memory = data["generation_memory"]["memory"]
     assert [(r["model"], r["length"]) for r in memory] == [
         (m, n) for m in ("softmax", "t2r") for n in QUICK_MEMORY_LENGTHS]
     assert all(r["peak_bytes"] >= r["baseline_bytes"] > 0 and r["increment_bytes"] == r["peak_bytes"] -
-               r["baseline_bytes"] for r in memory)
+               r["baseline_bytes"] and r["seconds"] > 0 for r in memory)
     assert [row[:2] for row in _table(md["generation_memory"], "| model | tokens generated")] == [
         [m, str(n)] for m in ("softmax", "t2r") for n in QUICK_MEMORY_LENGTHS]
     assert [row[0] for row in _table(md["generation_memory"], "| model | peak(")] == ["softmax", "t2r"]
