@@ -63,6 +63,16 @@ def transfer_softmax_weights(model, source_state: Dict[str, torch.Tensor], sourc
     if not_new:
         raise CheckpointError(f"{source}: lacks tensors of the chosen architecture (fewer layers, or another "
                               f"architecture?): {', '.join(not_new[:5])}")
+    # Tensors the model ties (--share-all-embeddings, --share-decoder-input-output-embed) are one
+    # tensor: loading would silently keep whichever copy comes last.
+    tied = {}
+    for k, v in target.items():
+        tied.setdefault(v.data_ptr(), []).append(k)
+    for names in (n for n in tied.values() if len(n) > 1 and all(k in state for k in n)):
+        if any(not torch.equal(state[names[0]], state[k]) for k in names[1:]):
+            raise CheckpointError(f"{source}: {' and '.join(names)} differ, and the chosen architecture ties them "
+                                  f"(--share-all-embeddings or --share-decoder-input-output-embed): build the "
+                                  f"model with the teacher's sharing flags")
     target.update({k: state[k] for k in target if k in state})
     model.load_state_dict(target, strict=True)
     return missing

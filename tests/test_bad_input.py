@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from helpers import (BIN, TINY_LM, TINY_LM_SOFTMAX, TINY_WIKI103_SOFTMAX, USER_DIR, build_model, parse_namespace, run,
-                     save_checkpoint, write_parallel_corpus)
+from helpers import (BIN, TINY_LM, TINY_LM_SOFTMAX, TINY_MT, TINY_MT_SOFTMAX, TINY_WIKI103_SOFTMAX, USER_DIR,
+                     build_model, parse_namespace, run, save_checkpoint, write_parallel_corpus)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,21 @@ def _convert_fails(args, expect, tmp_path, capsys):
 def test_converter_rejects_bad_checkpoints(checkpoints, tmp_path, capsys, name, expect):
     err = _convert_fails(["--input", checkpoints / name], expect, tmp_path, capsys)
     assert name in err  # names the file
+
+
+def test_convert_refuses_to_tie_what_the_teacher_kept_apart():
+    """A teacher with separate encoder and decoder embeddings into a --share-all-embeddings student
+    would keep only one of them, silently: refused, naming the flags."""
+    from t2r_fairseq.checkpoints import CheckpointError
+    from t2r_fairseq.transfer import transfer_softmax_weights
+
+    teacher, _ = build_model("transformer", TINY_MT_SOFTMAX, task="translation")
+    student, _ = build_model("t2r_transformer", TINY_MT + ["--share-all-embeddings"], task="translation")
+    with pytest.raises(CheckpointError, match="encoder.embed_tokens.weight and decoder.embed_tokens.weight.*"
+                                              "--share-all-embeddings"):
+        transfer_softmax_weights(student, teacher.state_dict())
+    shared, _ = build_model("transformer", TINY_MT_SOFTMAX + ["--share-all-embeddings"], task="translation")
+    transfer_softmax_weights(student, shared.state_dict())  # the teacher's own sharing converts
 
 
 @pytest.mark.parametrize("flag,value,expect", [
