@@ -7,8 +7,9 @@ Rows: a softmax transformer teacher; the teacher trained on for the finetuning b
 with `--task t2r_translation --convert-from` and finetuned for that budget: plain (the paper's),
 with a softmax window in decoder self-attention (`t2r_window`), with attention transfer of the
 decoder self- and cross-attention first (`t2r_transfer`), both (`t2r_window_transfer`), and both
-with a KL term towards the teacher's next-token distribution (`t2r_window_distill`); ELU+1 on
-request (`--rows elu_pretrain`). Each row: detokenized sacreBLEU on test_2016_flickr (beam 5)
+with a KL term towards the teacher's next-token distribution (`t2r_window_distill`), and T2R
+self-attention with softmax cross-attention kept (`t2r_softmax_cross`); ELU+1 on request
+(`--rows elu_pretrain`). Each row: detokenized sacreBLEU on test_2016_flickr (beam 5)
 and fairseq-generate's own sentences/s (best of interleaved repeats).
 Results accumulate in results/multi30k.json after every row, so an interrupted run continues
 where it stopped (`--force ROW` reruns one).
@@ -142,7 +143,7 @@ def main(argv=None):
                    help="torch threads per process: on a shared CPU one thread measured 2-7x faster per update "
                         "than two (spin-waiting threads)")
     p.add_argument("--rows", default="teacher,teacher_continued,t2r_pretrain,t2r_window,t2r_transfer,t2r_window_transfer,"
-                           "t2r_window_distill",
+                           "t2r_window_distill,t2r_softmax_cross",
                    help="comma-separated rows to run")
     p.add_argument("--speed-repeats", type=int, default=2,
                    help="after training, time every model's generation this many more times (interleaved)")
@@ -188,6 +189,9 @@ def main(argv=None):
         # ... plus the teacher's next-token distribution as a second target (KL term).
         "t2r_window_distill": (t2r + window + transfer + ["--distill-kl-weight", args.kl_weight], args.finetune_updates,
                                args.finetune_lr),
+        # Where the gap comes from: T2R self-attention with softmax cross-attention kept.
+        "t2r_softmax_cross": (t2r + ["--t2r-cross-attention", "softmax"] + softmax, args.finetune_updates,
+                              args.finetune_lr),
         "elu_pretrain": (t2r + ["--t2r-feature-map", "elu"] + softmax, args.finetune_updates, args.finetune_lr),
     }
     force = set(filter(None, args.force.split(",")))
