@@ -142,8 +142,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process: on a shared CPU one thread measured 2-7x faster per update "
                         "than two (spin-waiting threads)")
-    p.add_argument("--rows", default="teacher,teacher_continued,t2r_pretrain,t2r_window,t2r_transfer,t2r_window_transfer,"
-                           "t2r_window_distill,t2r_softmax_cross",
+    p.add_argument("--rows", default="teacher,teacher_continued,t2r_pretrain,t2r_window,t2r_transfer,"
+                           "t2r_window_transfer,t2r_window_distill,t2r_softmax_cross",
                    help="comma-separated rows to run")
     p.add_argument("--speed-repeats", type=int, default=2,
                    help="after training, time every model's generation this many more times (interleaved)")
