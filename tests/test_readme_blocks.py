@@ -266,7 +266,7 @@ def test_readme_md_blocks_run(sandboxes):
 def test_translation_readme_blocks_run(sandboxes):
     repo, out = sandboxes(TRANSLATION)
     assert (repo / "results/multi30k.json").is_file()  # the recipe wrote into the sandbox
-    for model in ("teacher", "t2r_pretrain", "elu_pretrain", "teacher_continued"):
+    for model in ("teacher", "teacher_continued", "t2r_pretrain", "t2r_window", "t2r_window_distill"):
         assert (repo / model / "checkpoint_last.pt").is_file(), model
     assert len(re.findall(r'"name": "BLEU"', out)) == 2, out[-3000:]  # Multi30k and WMT14 sacreBLEU
     assert re.search(r"^D-0\t\S+\t", out, flags=re.M)  # fairseq-interactive translated the sentence
