@@ -203,7 +203,8 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         metrics.log_scalar("nll_loss", total("nll_loss") / ntokens / math.log(2), ntokens, round=3)
         for term in ("transfer_loss", "kl_loss"):
             metrics.log_scalar(term, total(term) / sample_size / math.log(2), sample_size, round=3)
-        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))  # rounded, as fairseq logs it
+        # Rounded, as fairseq logs it.
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

@@ -123,8 +123,9 @@ def multi30k():
             continue
         r = data[name]
         gap = f"{r['bleu'] - continued:+.2f}" if continued is not None else "-"
-        lines.append(f"| {label} | {r.get('init', 'random').split(' ')[0]} | {r['updates']} | {r['valid_nll_loss']:.3f} "
-                     f"| {r['bleu']:.2f} | {gap} | {r['sentences_per_s']:.1f} |")
+        init = r.get("init", "random").split(" ")[0]
+        lines.append(f"| {label} | {init} | {r['updates']} | {r['valid_nll_loss']:.3f} | {r['bleu']:.2f} | {gap} "
+                     f"| {r['sentences_per_s']:.1f} |")
     loads = sorted({data[n]["timing_load"] for n, _ in MULTI30K_ROWS if "timing_load" in data.get(n, {})})
     lines += ["", f"sentences/s: fairseq-generate's own figure (beam 5, batch 128, one thread), the best of "
               f"interleaved runs of every row on {data['setup']['machine']['cpu']}; 1-minute load average at the "
