@@ -107,7 +107,7 @@ MULTI30K_ROWS = (
     ("t2r_window", "T2R + pretrain, softmax window 64 + linear in decoder self-attention"),
     ("t2r_transfer", "T2R + pretrain, attention transfer (self- and cross-attention)"),
     ("t2r_window_transfer", "T2R + pretrain, window 64 + attention transfer"),
-    ("t2r_window_distill", "T2R + pretrain, window 64 + attention transfer + KL to the teacher (weight 0.5)"),
+    ("t2r_window_distill", "T2R + pretrain, window 64 + attention transfer and KL (weight 0.5) from the start"),
     ("t2r_softmax_cross", "T2R + pretrain, cross-attention kept softmax"),
     ("elu_pretrain", "ELU + pretrain"),
 )

@@ -6,8 +6,9 @@ Rows: a softmax transformer teacher; the teacher trained on for the finetuning b
 (`teacher_continued`, the fair baseline when the teacher has not converged); T2R converted from it
 with `--task t2r_translation --convert-from` and finetuned for that budget: plain (the paper's),
 with a softmax window in decoder self-attention (`t2r_window`), with attention transfer of the
-decoder self- and cross-attention first (`t2r_transfer`), both (`t2r_window_transfer`), and both
-with a KL term towards the teacher's next-token distribution (`t2r_window_distill`), and T2R
+decoder self- and cross-attention first (`t2r_transfer`), both (`t2r_window_transfer`), the window
+with attention transfer and a KL term towards the teacher's next-token distribution from the first
+update (`t2r_window_distill`), and T2R
 self-attention with softmax cross-attention kept (`t2r_softmax_cross`); ELU+1 on request
 (`--rows elu_pretrain`). Each row: detokenized sacreBLEU on test_2016_flickr (beam 5)
 and fairseq-generate's own sentences/s (best of interleaved repeats).
@@ -186,9 +187,11 @@ def main(argv=None):
         "t2r_window": (t2r + window + softmax, args.finetune_updates, args.finetune_lr),
         "t2r_transfer": (t2r + transfer, args.finetune_updates, args.finetune_lr),
         "t2r_window_transfer": (t2r + window + transfer, args.finetune_updates, args.finetune_lr),
-        # ... plus the teacher's next-token distribution as a second target (KL term).
-        "t2r_window_distill": (t2r + window + transfer + ["--distill-kl-weight", args.kl_weight], args.finetune_updates,
-                               args.finetune_lr),
+        # Both distillation terms from the first update (no transfer-only phase: those updates are
+        # taken from cross-entropy training): attention transfer and KL to the teacher's next-token
+        # distribution.
+        "t2r_window_distill": (t2r + window + ["--criterion", "t2r_attention_transfer", "--distill-kl-weight",
+                                               args.kl_weight], args.finetune_updates, args.finetune_lr),
         # Where the gap comes from: T2R self-attention with softmax cross-attention kept.
         "t2r_softmax_cross": (t2r + ["--t2r-cross-attention", "softmax"] + softmax, args.finetune_updates,
                               args.finetune_lr),
