@@ -81,6 +81,17 @@ def bench_decode():
         lines.append(f"| {batch} | {length} | {s['step_s'] * 1e3:.1f} ms | {r['step_s'] * 1e3:.1f} ms | "
                      f"{f['step_s'] * 1e3:.1f} ms | {s['step_s'] / r['step_s']:.1f}x | {r['step_s'] / f['step_s']:.2f} | "
                      f"{human_bytes(s['state_bytes'])} vs {human_bytes(r['state_bytes'])} |")
+    # The variants (decay, window) took turns with plain T2R and the floor at the shortest and longest prefix.
+    v = {(r["length"], r["batch"], r["model"]): r["step_s"] for r in data.get("variants", [])}
+    models = list(dict.fromkeys(m for _, _, m in v if m != "floor"))
+    if models:
+        lines += ["", "Options, in their own side-by-side turns (step / the floor's, batch 1 and 16, prefix "
+                  f"{min(n for n, _, _ in v)} and {max(n for n, _, _ in v)}; every table and target: "
+                  "[results/bench_decode.md](results/bench_decode.md)):", "",
+                  "| model | " + " | ".join(f"batch {b}, prefix {n}" for n, b, m in v if m == "floor") + " |",
+                  "|---|" + "---|" * sum(1 for *_, m in v if m == "floor")]
+        lines += [f"| {m} | " + " | ".join(f"{v[(n, b, m)] / v[(n, b, 'floor')]:.2f}x" for n, b, f in v if f == "floor")
+                  + " |" for m in models]
     return "\n".join(lines) + "\n"
 
 
