@@ -249,7 +249,8 @@ def packed_window_attention_step(q: Tensor, k: Tensor, v1: Tensor, phi_q: Tensor
     # Decoding has no padding and, without decay, every age is 0: those steps skip what would
     # multiply by one (a decode step is dozens of small ops, each of which costs).
     valid = None if padding is None else _valid(padding, batch, 1, q.device)  # (b, 1)
-    a = None if log_g is None else _log_gates(log_g, batch, heads, 1, _valid(padding, batch, 1, q.device), acc)
+    a = None if log_g is None else _log_gates(
+        log_g, batch, heads, 1, _valid(None, batch, 1, q.device) if valid is None else valid, acc)
     slot = (state.count % window).view(batch, 1, 1, 1).expand(batch, heads, 1, state.ring.size(-1))
     leaving = state.ring.gather(2, slot)  # (b, h, 1, columns), a copy
     _, leaving_phi, leaving_v1, leaving_age = _split_ring(leaving, head_dim, feat)
