@@ -8,10 +8,9 @@ with `--task t2r_translation --convert-from` and finetuned for that budget: plai
 with a softmax window in decoder self-attention (`t2r_window`), with attention transfer of the
 decoder self- and cross-attention first (`t2r_transfer`), both (`t2r_window_transfer`), the window
 with attention transfer and a KL term towards the teacher's next-token distribution from the first
-update (`t2r_window_distill`), and T2R
-self-attention with softmax cross-attention kept (`t2r_softmax_cross`); ELU+1 on request
-(`--rows elu_pretrain`). Each row: detokenized sacreBLEU on test_2016_flickr (beam 5)
-and fairseq-generate's own sentences/s (best of interleaved repeats).
+update (`t2r_window_distill`), and T2R self-attention with softmax cross-attention kept
+(`t2r_softmax_cross`); ELU+1 on request (`--rows elu_pretrain`). Each row: detokenized sacreBLEU on
+test_2016_flickr (beam 5) and fairseq-generate's own sentences/s (best of interleaved repeats).
 Results accumulate in results/multi30k.json after every row, so an interrupted run continues
 where it stopped (`--force ROW` reruns one).
 
@@ -176,26 +175,27 @@ def main(argv=None):
     # on the label-smoothed cross-entropy: the criterion replaces label_smoothed_cross_entropy.
     transfer = ["--criterion", "t2r_attention_transfer", "--attention-transfer-only-updates",
                 args.transfer_only_updates]
-    rows = {  # name: (fairseq-train options, updates, learning rate)
-        "teacher": (task + ["--arch", "transformer"] + softmax, args.teacher_updates, args.lr),
+    # name: fairseq-train options. The teacher trains from scratch; every other row gets the same
+    # finetuning budget from it.
+    rows = {
+        "teacher": task + ["--arch", "transformer"] + softmax,
         # The teacher trained on, softmax all along, for as many updates as every T2R finetuning:
         # that is extra training too, so on a teacher that has not converged this is the fair baseline.
         # (--user-dir only so that torch's safe loading accepts the fairseq checkpoint, see checkpoints.py)
-        "teacher_continued": (task + ["--user-dir", USER_DIR, "--arch", "transformer", "--finetune-from-model",
-                                      teacher_ckpt] + softmax, args.finetune_updates, args.finetune_lr),
-        "t2r_pretrain": (t2r + softmax, args.finetune_updates, args.finetune_lr),
-        "t2r_window": (t2r + window + softmax, args.finetune_updates, args.finetune_lr),
-        "t2r_transfer": (t2r + transfer, args.finetune_updates, args.finetune_lr),
-        "t2r_window_transfer": (t2r + window + transfer, args.finetune_updates, args.finetune_lr),
+        "teacher_continued": task + ["--user-dir", USER_DIR, "--arch", "transformer", "--finetune-from-model",
+                                     teacher_ckpt] + softmax,
+        "t2r_pretrain": t2r + softmax,
+        "t2r_window": t2r + window + softmax,
+        "t2r_transfer": t2r + transfer,
+        "t2r_window_transfer": t2r + window + transfer,
         # Both distillation terms from the first update (no transfer-only phase: those updates are
         # taken from cross-entropy training): attention transfer and KL to the teacher's next-token
         # distribution.
-        "t2r_window_distill": (t2r + window + ["--criterion", "t2r_attention_transfer", "--distill-kl-weight",
-                                               args.kl_weight], args.finetune_updates, args.finetune_lr),
+        "t2r_window_distill": t2r + window + ["--criterion", "t2r_attention_transfer", "--distill-kl-weight",
+                                              args.kl_weight],
         # Where the gap comes from: T2R self-attention with softmax cross-attention kept.
-        "t2r_softmax_cross": (t2r + ["--t2r-cross-attention", "softmax"] + softmax, args.finetune_updates,
-                              args.finetune_lr),
-        "elu_pretrain": (t2r + ["--t2r-feature-map", "elu"] + softmax, args.finetune_updates, args.finetune_lr),
+        "t2r_softmax_cross": t2r + ["--t2r-cross-attention", "softmax"] + softmax,
+        "elu_pretrain": t2r + ["--t2r-feature-map", "elu"] + softmax,
     }
     force = set(filter(None, args.force.split(",")))
     for name in filter(None, args.rows.split(",")):
@@ -204,7 +204,9 @@ def main(argv=None):
         if name in results and name not in force:
             log(f"{name}: recorded already (--force {name} reruns it)")
             continue
-        extra, updates, lr = rows[name]
+        extra = rows[name]
+        updates, lr = (args.teacher_updates, args.lr) if name == "teacher" else (args.finetune_updates,
+                                                                                 args.finetune_lr)
         if name != "teacher" and not teacher_ckpt.exists():
             sys.exit(f"error: {name} starts from the teacher; run the teacher row first ({teacher_ckpt} is missing)")
         save = args.work / name
