@@ -26,10 +26,15 @@ def timed(fn):
 
 
 def row_line(row):
-    """A measured row as one progress line: bytes in binary units, other floats to 3 significant digits."""
+    """A measured row as one progress line, units on the values: state_bytes 33792 -> `state 33.0 KiB`,
+    step_s 0.00055 -> `step 0.55 ms`; other floats to 3 significant digits."""
     def show(key, value):
-        return human_bytes(value) if key.endswith("bytes") else f"{value:.3g}" if isinstance(value, float) else value
-    return "  " + ", ".join(f"{key} {show(key, value)}" for key, value in row.items())
+        if key.endswith("_bytes"):
+            return f"{key[:-len('_bytes')]} {human_bytes(value)}"
+        if key.endswith("_s"):
+            return f"{key[:-len('_s')]} {1000 * value:.2f} ms"
+        return f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
+    return "  " + ", ".join(show(key, value) for key, value in row.items())
 
 
 def human_bytes(n: float) -> str:

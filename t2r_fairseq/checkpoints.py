@@ -41,10 +41,22 @@ def load_checkpoint(path: str) -> dict:
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path}: not a readable fairseq checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+                              f"{_load_failure(e)})") from None
     if not isinstance(state, dict) or "model" not in state or state.get("cfg") is None:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' weights and 'cfg')")
     return state
+
+
+def _load_failure(e: Exception) -> str:
+    """The reason torch gives, without the advice of its weights-only loader to load the file unsafely:
+    a file that is not a fairseq checkpoint does not become one that way."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip()
+    if lines and lines[0].startswith("Weights only load failed"):
+        return "not a torch checkpoint file"
+    return lines[0] if lines else "unreadable"
 
 
 def checkpoint_arch(state: dict) -> str:

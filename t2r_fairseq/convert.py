@@ -71,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    replaced = os.path.isfile(args.output)
     try:
         new_keys = convert_checkpoint(args.input, args.output, **{name: getattr(args, name) for name in T2R_DEFAULTS})
     except T2RUsageError as e:
         print(f"t2r-convert: error: {e}", file=sys.stderr)
         return 2
-    logger.info(f"wrote {args.output}: {len(new_keys)} new tensors ({', '.join(new_keys)})")
+    # An existing output is replaced, as fairseq-train replaces its checkpoints; said, so it is never a surprise.
+    logger.info(f"wrote {args.output}{' (replaced the file that was there)' if replaced else ''}: "
+                f"{len(new_keys)} new tensors ({', '.join(new_keys)})")
     return 0
 
 

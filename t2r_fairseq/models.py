@@ -5,6 +5,7 @@ Only fairseq's build hooks are overridden (build_decoder_layer, build_self_atten
 build_encoder_attention), never a forward pass, so upstream fixes keep flowing in.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
@@ -17,7 +18,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from .attention import T2RCrossAttention, T2RSelfAttention, prefill
 from .errors import T2RUsageError
-from .options import T2RConfig, T2ROptions, set_t2r_defaults, t2r_options
+from .options import T2RConfig, T2ROptions, adopt_finetune_source_options, set_t2r_defaults, t2r_options
 
 
 class T2RDecoderLayer(TransformerDecoderLayerBase):
@@ -100,32 +101,31 @@ class T2RLanguageModelConfig(TransformerLanguageModelConfig, T2RConfig):
 class T2RLanguageModel(TransformerLanguageModel):
     """A transformer_lm whose self-attention is T2R: an RNN at generation time.
 
-    Built by the stream task (streams.py), it reads its batches as consecutive blocks of the same
-    streams: each forward continues from the recurrent state the previous one left, detached, as
-    fairseq's transformer_xl continues from its `_mems`."""
+    Given the batches of the stream task (streams.py), which say which block of their streams they
+    are, each forward continues from the recurrent state the previous block left, detached, as
+    fairseq's transformer_xl continues from its `_mems`. Every other call (plain tasks, the hub,
+    generation) is a plain forward, so no state leaks from one call into the next."""
 
-    # {training?: incremental state carried to the next batch}, or None: independent batches.
-    _streams = None
+    def __init__(self, decoder):
+        super().__init__(decoder)
+        self._streams = {}  # {training?: incremental state carried to the next block}
 
     @classmethod
     def build_model(cls, args, task):
+        adopt_finetune_source_options(args)
         return _replace_decoder(super().build_model(args, task), args, no_encoder_attn=True)
 
-    def read_streams(self):
-        self._streams = {}
-
-    def reset_streams(self, training: bool):
-        if self._streams is not None:
-            self._streams.pop(training, None)
-
-    def forward(self, src_tokens, **kwargs):
-        if self._streams is None or kwargs.get("incremental_state") is not None:
+    def forward(self, src_tokens, stream_block: Optional[int] = None, **kwargs):
+        """stream_block: this batch's index among consecutive blocks of the same streams (0: the streams
+        start), or None: a plain forward."""
+        if stream_block is None or kwargs.get("incremental_state") is not None:
             return super().forward(src_tokens, **kwargs)
-        state = self._streams.get(self.training)
-        if state is None or _rows(state) != src_tokens.size(0):
-            state = {}  # a new epoch, a validation, or another batch shape: the streams start over
+        state = {} if stream_block == 0 else self._streams.get(self.training, {})
+        if state and _rows(state) != src_tokens.size(0):
+            state = {}  # another batch shape: the streams start over
         out = prefill(self.decoder, src_tokens, state, **kwargs)
-        # Gradients stay inside a batch: the next one starts from the values alone.
+        # Gradients stay inside a batch: the next one starts from the values alone. Training and
+        # evaluation keep their own states, so a validation in mid-epoch leaves the training streams be.
         self._streams[self.training] = {key: {name: t.detach() for name, t in buffer.items()}
                                         for key, buffer in state.items()}
         return out
@@ -147,6 +147,7 @@ class T2RTransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         set_t2r_defaults(args)
+        adopt_finetune_source_options(args)
         return _replace_decoder(super().build_model(args, task), args, no_encoder_attn=False)
 
 

@@ -5,15 +5,21 @@ T2RConfig holds what the user typed (names start with `t2r_`: fairseq routes `de
 names into sub-configs); T2ROptions holds what the model uses (e.g. the softmax layers as a set of
 indices). A new option is a field in each and a check in t2r_options.
 """
+import logging
+import os
 from dataclasses import dataclass, field
-from typing import FrozenSet
+from typing import Dict, FrozenSet, Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
+from omegaconf import OmegaConf, open_dict
 
 from .decay import DECAYS
+from .checkpoints import load_checkpoint
 from .errors import T2RUsageError
 from .feature_maps import FEATURE_MAPS
+
+logger = logging.getLogger(__name__)
 
 CROSS_ATTENTION = ("t2r", "softmax")
 
@@ -54,6 +60,56 @@ T2R_DEFAULTS = {name: f.default for name, f in T2RConfig.__dataclass_fields__.it
 def set_t2r_defaults(args):
     for name, default in T2R_DEFAULTS.items():
         setattr(args, name, safe_getattr(args, name, default))
+
+
+def _finetune_source(args) -> Optional[str]:
+    """The checkpoint `fairseq-train --finetune-from-model` is about to load into the model being built
+    from `args`, or None. fairseq builds models from a node of its whole config (merge_with_parent keeps
+    the node's parent), so the checkpoint options are one select away. None when fairseq will resume
+    instead (a checkpoint_last.pt in --save-dir, or --restore-file): then the finetune file is not read."""
+    if not OmegaConf.is_config(args):
+        return None
+    root = args._get_root()
+    path = OmegaConf.select(root, "checkpoint.finetune_from_model", default=None)
+    if not path or not os.path.isfile(path):
+        return None  # fairseq names a missing file itself
+    save_dir = OmegaConf.select(root, "checkpoint.save_dir", default=None) or ""
+    restore = OmegaConf.select(root, "checkpoint.restore_file", default=None) or "checkpoint_last.pt"
+    if restore != "checkpoint_last.pt" or os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt")):
+        return None
+    return path
+
+
+def _saved_t2r_options(path: str) -> Dict[str, object]:
+    model_cfg = load_checkpoint(path)["cfg"]["model"]
+    get = model_cfg.get if isinstance(model_cfg, dict) else lambda name, default: getattr(model_cfg, name, default)
+    return {name: get(name, default) for name, default in T2R_DEFAULTS.items()}
+
+
+def adopt_finetune_source_options(args):
+    """A T2R checkpoint given to --finetune-from-model was built with T2R options (t2r-convert
+    --t2r-feature-map hedgehog, say) that the model must repeat, or fairseq fails to load it with a
+    page of missing keys. Options left at their defaults take the checkpoint's values (logged);
+    an option given with another value than the checkpoint's is refused, naming both."""
+    path = _finetune_source(args)
+    if path is None:
+        return
+    for name, saved in _saved_t2r_options(path).items():
+        value = safe_getattr(args, name, T2R_DEFAULTS[name])
+        value = str(value) if isinstance(saved, str) else value  # ChoiceEnum values compare as str
+        if value == saved:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value != T2R_DEFAULTS[name]:
+            raise T2ROptionError(f"{flag} {value} disagrees with --finetune-from-model {path}, which was built with "
+                                 f"{flag} {saved}: drop {flag} (the checkpoint's value is then used) or give {saved}")
+        logger.info(f"{flag} {saved}: read from --finetune-from-model {path}")
+        with open_dict(args):
+            setattr(args, name, saved)
+        model_node = OmegaConf.select(args._get_root(), "model", default=None)
+        if model_node is not None and model_node is not args:
+            with open_dict(model_node):  # saved with the trained checkpoints, so they load as they were built
+                model_node[name] = saved
 
 
 @dataclass(frozen=True)

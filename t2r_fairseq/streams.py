@@ -9,10 +9,12 @@ tokens, so the first token of every block is never a target. Here row r is the s
 stream cut into `--batch-size` x ranks contiguous pieces, and the targets run across block
 boundaries: every token of the split is predicted once, from all of its history.
 
-The model keeps each layer's final state (detached: gradients stay inside a batch) for the next
-batch of the same rows, as fairseq's transformer_xl keeps its `_mems` (see
-T2RLanguageModel.read_streams). The state is reset at every epoch start, at every validation, and
-when the batch size changes, and training and evaluation keep separate states.
+Each batch names its block (`net_input["stream_block"]`), and the model keeps each layer's final
+state (detached: gradients stay inside a batch) for the next block of the same rows, as fairseq's
+transformer_xl keeps its `_mems` (see T2RLanguageModel.forward). Block 0 (an epoch's start, every
+validation) and a change of batch size start the streams over; training and evaluation keep
+separate states. Batches the hub builds for .score/.sample (fairseq's own inference items) name no
+block: there the model runs a plain forward and nothing carries over between calls.
 
 Positions restart at every block: each block is a plain forward of --tokens-per-sample tokens, so
 a model never sees a position it was not trained on (learned position tables end at
@@ -90,7 +92,6 @@ class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
             raise T2RUsageError(f"--tokens-per-sample {self.cfg.tokens_per_sample} is longer than the model's "
                                 f"{model.max_positions()} positions; positions restart in every block, so a block "
                                 f"of up to {model.max_positions()} tokens loses no context")
-        model.read_streams()
         return model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -104,15 +105,10 @@ class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
             num_shards=self.cfg.data_parallel_size, eos=self.dictionary.eos(), pad=self.dictionary.pad())
 
     def _collate_fn(self, items):
+        if len(items[0]) == 2:  # (i, [tokens]): fairseq's build_dataset_for_inference, the hub's .score/.sample
+            return super()._collate_fn(items)
         (i, inputs, targets), = items  # every item is a whole batch
         real = targets.ne(self.dictionary.pad())
-        return {"id": torch.arange(inputs.size(0)) + i * inputs.size(0), "net_input": {"src_tokens": inputs},
+        return {"id": torch.arange(inputs.size(0)) + i * inputs.size(0),
+                "net_input": {"src_tokens": inputs, "stream_block": i},
                 "target": targets, "nsentences": inputs.size(0), "ntokens": int(real.sum())}
-
-    def begin_epoch(self, epoch, model):
-        super().begin_epoch(epoch, model)
-        model.reset_streams(training=True)
-
-    def begin_valid_epoch(self, epoch, model):
-        super().begin_valid_epoch(epoch, model)
-        model.reset_streams(training=False)

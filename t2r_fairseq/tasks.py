@@ -19,7 +19,8 @@ from omegaconf import II
 
 from .checkpoints import load_checkpoint
 from .errors import T2RUsageError
-from .transfer import attention_parameters, transfer_softmax_weights
+from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
+from .transfer import attention_parameters, require_t2r_attention, transfer_softmax_weights
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,18 @@ class T2RTask:
         if from_checkpoint:  # loaded to be used (generation, scoring), not trained
             return model
         if task_config(self).convert_from:
-            self._convert(model, task_config(self).convert_from)
+            self._convert(model, cfg, task_config(self).convert_from)
         if str(getattr(task_config(self), "t2r_finetune", "all")) == "attention":
             _train_attention_only(model)
         return model
 
-    def _convert(self, model, source):
+    def _convert(self, model, cfg, source):
+        if not isinstance(model, (T2RLanguageModel, T2RTransformerModel)):
+            # Otherwise the softmax model would load the softmax weights and train on as one, rc 0.
+            arch = getattr(cfg, "arch", None) or getattr(cfg, "_name", None)
+            raise T2RUsageError(f"--convert-from swaps softmax attention for T2R, and --arch {arch} builds a softmax "
+                                f"model: use its T2R twin, --arch {twin_architecture_name(arch)}")
+        require_t2r_attention(model)
         resume = _resume_checkpoint(task_config(self))
         if resume is not None:
             logger.info(f"resuming from {resume}: skipping --convert-from {source}")

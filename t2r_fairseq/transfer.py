@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from .attention import T2RCrossAttention, T2RSelfAttention
 from .checkpoints import CheckpointError, checkpoint_arch
+from .errors import T2RUsageError
 from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
 from .options import set_t2r_defaults
 
@@ -36,6 +37,18 @@ def attention_parameters(model) -> List[torch.nn.Parameter]:
     Attention kept softmax (--t2r-softmax-layers, --t2r-cross-attention softmax, the encoder) is not T2R."""
     return [p for module in model.modules() if isinstance(module, (T2RSelfAttention, T2RCrossAttention))
             for p in module.parameters()]
+
+
+def require_t2r_attention(model):
+    """Conversion into a model whose every attention stays softmax would write the teacher back
+    under a T2R name, "0 new" tensors and nothing else said: refuse, naming the flags."""
+    if attention_parameters(model):
+        return
+    layers = len(model.decoder.layers)
+    cross = " and --t2r-cross-attention softmax" if isinstance(model, T2RTransformerModel) else ""
+    raise T2RUsageError(f"--t2r-softmax-layers covers all {layers} decoder layers{cross}: every attention stays "
+                        f"softmax and nothing would be converted; keep at least one layer T2R (indices run from 0 "
+                        f"to {layers - 1})" + (" or use --t2r-cross-attention t2r" if cross else ""))
 
 
 def transfer_softmax_weights(model, source_state: Dict[str, torch.Tensor], source: str = "checkpoint") -> List[str]:
@@ -138,6 +151,7 @@ def convert_state(state: dict, source: str, overrides: Dict[str, Optional[object
     """A softmax checkpoint's contents -> (the T2R checkpoint's contents, names of the new tensors).
     Weights are copied unchanged; the optimizer state is dropped."""
     model, args = build_t2r_twin(state, source, overrides)
+    require_t2r_attention(model)
     new_keys = transfer_softmax_weights(model, state["model"], source=source)
     out = {k: v for k, v in state.items() if k not in ("model", "last_optimizer_state", "cfg")}
     # Plain containers, as fairseq's trainer saves them: torch's safe loading refuses omegaconf objects.

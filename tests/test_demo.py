@@ -106,3 +106,19 @@ def test_user_data_layouts_are_found(tmp_path, layout):
     for name in names.values():
         (tmp_path / name).write_text("some text\n")
     assert {s: p.name for s, p in find_raw_splits(tmp_path).items()} == names
+
+
+def _shape(line: str) -> str:
+    """A console line with its numbers blanked: what the README's transcript and a fresh run share."""
+    return re.sub(r"\d+(\.\d+)?", "N", line.strip())
+
+
+def test_printed_decode_rows_look_like_the_readme_transcript(tiny_demo):
+    """The README's console block is generated from results/demo/console.txt, recorded by an earlier
+    run: the printer must still print that format (a changed printer means re-recording it)."""
+    _, stdout = tiny_demo
+    recorded = (ROOT / "results/demo/console.txt").read_text().splitlines()
+    shapes = {_shape(line) for line in recorded if line.strip().startswith("length ")}
+    printed = [line for line in stdout.splitlines() if line.strip().startswith("length ")]
+    assert shapes and printed
+    assert {_shape(line) for line in printed} <= shapes, (printed[:2], sorted(shapes)[:2])

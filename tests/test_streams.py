@@ -46,34 +46,31 @@ def test_batches_of_a_stream_equal_one_long_forward():
     x = torch.randint(4, 60, (2, 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(x)[0]
-        model.read_streams()
-        blocks = torch.cat([model(x[:, s:s + 32])[0] for s in range(0, 90, 32)], dim=1)
+        blocks = torch.cat([model(x[:, s:s + 32], stream_block=n)[0] for n, s in enumerate(range(0, 90, 32))], dim=1)
     torch.testing.assert_close(blocks, full, rtol=1e-4, atol=1e-4)
 
 
-def test_state_resets_on_new_batch_shape_and_when_asked_and_train_and_eval_keep_their_own():
+def test_state_resets_at_block_0_and_new_batch_shape_and_train_and_eval_keep_their_own():
     model = _model()
     x = torch.randint(4, 60, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         fresh = model(x)[0]
-        model.read_streams()
-        model(x)
-        assert not torch.allclose(model(x)[0], fresh, atol=1e-4)  # continues the stream
-        model.reset_streams(training=False)
-        torch.testing.assert_close(model(x)[0], fresh)  # starts over
-        torch.testing.assert_close(model(x[:1])[0], fresh[:1])  # another batch size: starts over
+        torch.testing.assert_close(model(x, stream_block=0)[0], fresh)
+        assert not torch.allclose(model(x, stream_block=1)[0], fresh, atol=1e-4)  # continues the stream
+        torch.testing.assert_close(model(x)[0], fresh)  # no block: a plain forward, whatever was carried
+        torch.testing.assert_close(model(x, stream_block=0)[0], fresh)  # starts over
+        torch.testing.assert_close(model(x[:1], stream_block=1)[0], fresh[:1])  # another batch size: starts over
         model.train()  # (no dropout in TINY_LM) training mode has its own, empty, state
-        torch.testing.assert_close(model(x)[0], fresh, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x, stream_block=1)[0], fresh, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_stay_inside_a_batch():
     model = _model()
     model.train()
-    model.read_streams()
     x = torch.randint(4, 60, (2, 16), generator=torch.Generator().manual_seed(2))
-    model(x[:, :8])[0].sum().backward()  # the first batch's graph is gone after its backward
+    model(x[:, :8], stream_block=0)[0].sum().backward()  # the first batch's graph is gone after its backward
     model.zero_grad()
-    model(x[:, 8:])[0].sum().backward()  # would raise if the carried state still held that graph
+    model(x[:, 8:], stream_block=1)[0].sum().backward()  # would raise if the carried state still held that graph
     assert all(p.grad is not None for p in model.decoder.layers[0].self_attn.parameters())
 
 
@@ -83,11 +80,9 @@ def test_padding_at_a_stream_end_enters_no_state():
     padded = x.clone()
     padded[1, 8:] = 1  # the second stream ended after 8 tokens
     with torch.no_grad():
-        model.read_streams()
-        model(padded)
+        model(padded, stream_block=0)
         state_padded = model._streams[False]
-        model.reset_streams(training=False)
-        model(x[:, :8])
+        model(x[:, :8], stream_block=0)
         state_short = model._streams[False]
     for key in state_short:
         for name, t in state_short[key].items():
@@ -149,6 +144,24 @@ def test_a_carried_state_checkpoint_loads_without_a_task(lm_workdir, carried_run
     assert re.search(r"^logits \(1, 3, \d+\)$", proc.stdout, flags=re.M), proc.stdout + proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("task", [None, "language_modeling"])
+def test_the_hub_scores_and_samples_a_carried_state_checkpoint_without_carrying_state(lm_workdir, carried_run,
+                                                                                      task):
+    """The README's hub code on a checkpoint trained with --task t2r_truncated_bptt_lm (with and without
+    task= passed): .score twice gives the same scores (no state carried between calls) and .sample works."""
+    save, _ = carried_run
+    extra = "" if task is None else f", task={task!r}"
+    code = ("import t2r_fairseq; from fairseq.models.transformer_lm import TransformerLanguageModel as LM\n"
+            f"lm = LM.from_pretrained({str(save)!r}, 'checkpoint_last.pt', data_name_or_path={str(lm_workdir / 'bin')!r}"
+            f"{extra}).eval()\n"
+            "first, again = (lm.score('the value of the')['positional_scores'] for _ in range(2))\n"
+            "print('same', bool((first == again).all()), len(first))\n"
+            "print('sample', lm.sample('the value of', beam=1, sampling=True, sampling_topk=5, max_len_b=5))\n")
+    proc = run([sys.executable, "-c", code])
+    assert re.search(r"^same True [345]$", proc.stdout, flags=re.M), proc.stdout + proc.stderr[-2000:]
+    assert re.search(r"^sample the value of\b", proc.stdout, flags=re.M), proc.stdout
+
+
 @pytest.mark.parametrize("bad,message", [
     (["--arch", "transformer_lm_wiki103"], "needs a T2R language model"),
     (["--arch", "t2r_lm_wiki103", "--t2r-softmax-layers", "1"], "no --t2r-softmax-layers"),
@@ -184,16 +197,14 @@ def _recall_after_training(carry, block=8, steps=400):
     torch.set_num_threads(1)  # a tiny model: threads only wait for each other
     model, _ = build_model("t2r_lm", ["--decoder-layers", 2, "--decoder-embed-dim", 32, "--decoder-ffn-embed-dim",
                                       64, "--decoder-attention-heads", 2, "--dropout", 0, "--t2r-feature-dim", 8])
-    if carry:
-        model.read_streams()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
 
     def read(docs):  # the documents block by block: each a batch, as the stream task feeds them
         inputs = torch.cat([torch.full((docs.size(0), 1), 2), docs[:, :-1]], dim=1)
-        model.reset_streams(model.training)  # each batch of documents is a new set of streams
-        for start in range(0, docs.size(1), block):
-            yield model(inputs[:, start:start + block])[0], docs[:, start:start + block]
+        for n, start in enumerate(range(0, docs.size(1), block)):  # block 0: a new set of streams
+            yield model(inputs[:, start:start + block], stream_block=n if carry else None)[0], \
+                docs[:, start:start + block]
 
     model.train()
     for step in range(steps):
