@@ -56,6 +56,7 @@ def _convert_fails(args, expect, tmp_path, capsys):
 def test_converter_rejects_bad_checkpoints(checkpoints, tmp_path, capsys, name, expect):
     err = _convert_fails(["--input", checkpoints / name], expect, tmp_path, capsys)
     assert name in err  # names the file
+    assert "weights_only" not in err  # torch's advice to load unsafely: wrong for a file that is no checkpoint
 
 
 def test_convert_refuses_to_tie_what_the_teacher_kept_apart():

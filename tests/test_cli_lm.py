@@ -112,3 +112,61 @@ def test_attention_transfer_logs_loss_as_the_sum_of_its_terms(lm_workdir):
     assert len(lines) == 3, (out.stdout + out.stderr)[-3000:]
     for loss, nll, transfer in ((float(x) for x in line) for line in lines):
         assert transfer > 0.01 and abs(loss - (nll + transfer)) <= 0.0015, (loss, nll, transfer)
+
+
+def _last_line(proc) -> str:
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_convert_from_into_a_softmax_architecture_is_refused(lm_workdir):
+    """The t2r_ twin forgotten: a softmax model would load the softmax weights and train on, rc 0."""
+    proc = run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
+                "--convert-from", lm_workdir / "softmax/checkpoint_last.pt", "--arch", "transformer_lm_wiki103",
+                *MODEL, *TRAIN, "--max-update", 1, "--save-dir", lm_workdir / "softmax_arch"], check=False)
+    assert "--arch transformer_lm_wiki103 builds a softmax model: use its T2R twin, --arch t2r_lm_wiki103" in \
+        _last_line(proc)
+    assert not (lm_workdir / "softmax_arch/checkpoint_last.pt").exists()
+
+
+def test_converting_into_a_model_with_every_layer_softmax_is_refused(lm_workdir):
+    proc = run(["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "t2r_language_modeling",
+                "--convert-from", lm_workdir / "softmax/checkpoint_last.pt", "--arch", "t2r_lm_wiki103", *MODEL,
+                "--t2r-softmax-layers", "0,1", *TRAIN, "--max-update", 1, "--save-dir", lm_workdir / "all_softmax"],
+               check=False)
+    assert "--t2r-softmax-layers covers all 2 decoder layers: every attention stays softmax" in _last_line(proc)
+    proc = run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output",
+                lm_workdir / "all_softmax.pt", "--t2r-softmax-layers", "0,1"], check=False)
+    assert "every attention stays softmax" in _last_line(proc) and not (lm_workdir / "all_softmax.pt").exists()
+
+
+def test_finetune_from_model_reads_the_t2r_options_of_the_checkpoint(lm_workdir):
+    """t2r-convert with non-default T2R flags, then fairseq-train --finetune-from-model without them: the
+    checkpoint's options are used (logged) and saved with the finetuned checkpoints, which then load;
+    a flag given with another value is refused in one line naming both."""
+    converted = lm_workdir / "hedgehog/t2r.pt"
+    run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", converted,
+         "--t2r-feature-map", "hedgehog", "--t2r-feature-dim", 4])
+    finetune = ["fairseq-train", lm_workdir / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
+                "--finetune-from-model", converted, "--arch", "t2r_lm_wiki103", *MODEL, *TRAIN, "--max-update", 2]
+    proc = run([*finetune, "--save-dir", lm_workdir / "hedgehog/ft"])
+    log = proc.stdout + proc.stderr
+    assert "--t2r-feature-map hedgehog: read from --finetune-from-model" in log, log[-3000:]
+    assert "--t2r-feature-dim 4: read from --finetune-from-model" in log
+    saved = torch.load(lm_workdir / "hedgehog/ft/checkpoint_last.pt", weights_only=False)["cfg"]["model"]
+    assert (saved["t2r_feature_map"], saved["t2r_feature_dim"]) == ("hedgehog", 4)
+    assert _perplexity(run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path",
+                            lm_workdir / "hedgehog/ft/checkpoint_last.pt", "--tokens-per-sample", 64,
+                            "--cpu"]).stderr) > 1.0
+    proc = run([*finetune, "--t2r-feature-dim", 8, "--save-dir", lm_workdir / "hedgehog/bad"], check=False)
+    assert ("--t2r-feature-dim 8 disagrees with --finetune-from-model" in _last_line(proc)
+            and "built with --t2r-feature-dim 4" in _last_line(proc))
+
+
+def test_convert_says_when_it_replaces_a_file(lm_workdir):
+    out = lm_workdir / "again/t2r.pt"
+    first = run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", out])
+    second = run(["t2r-convert", "--input", lm_workdir / "softmax/checkpoint_last.pt", "--output", out])
+    assert "(replaced" not in first.stderr + first.stdout
+    assert f"wrote {out} (replaced the file that was there)" in second.stderr + second.stdout
