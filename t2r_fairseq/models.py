@@ -15,6 +15,7 @@ from fairseq.models.transformer import TransformerDecoder, TransformerModel
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
+from fairseq.utils import safe_getattr
 
 from .attention import T2RCrossAttention, T2RSelfAttention, prefill
 from .errors import T2RUsageError
@@ -41,8 +42,8 @@ class T2RDecoderLayer(TransformerDecoderLayerBase):
         if self.options.cross_attention == "softmax":
             return super().build_encoder_attention(embed_dim, cfg)
         return T2RCrossAttention(embed_dim, cfg.decoder.attention_heads, kdim=cfg.encoder.embed_dim,
-                                 vdim=cfg.encoder.embed_dim, feature_map=self.options.feature_map,
-                                 feature_dim=self.options.feature_dim)
+                                 vdim=cfg.encoder.embed_dim, feature_map=self.options.cross_feature_map,
+                                 feature_dim=self.options.cross_feature_dim)
 
     def make_generation_fast_(self, need_attn: bool = False, **kwargs):
         # fairseq's generate/interactive ask every layer for its attention weights here when given
@@ -62,6 +63,11 @@ class T2RDecoder(TransformerDecoder):
         # t2r-convert, the Python API); the base class converts args to a TransformerConfig,
         # which drops our t2r_* options.
         self.options = t2r_options(args)
+        cross_flags = [name for name in ("t2r_cross_feature_map", "t2r_cross_feature_dim")
+                       if safe_getattr(args, name, None) is not None]
+        if no_encoder_attn and cross_flags:
+            raise T2RUsageError(f"--{cross_flags[0].replace('_', '-')} sets the features of T2R cross-attention, which "
+                                f"a language model does not have: drop it (--t2r-feature-map/-dim set self-attention's)")
         self._layers_built = 0
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
 

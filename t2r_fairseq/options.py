@@ -41,6 +41,14 @@ class T2RConfig(FairseqDataclass):
     t2r_cross_attention: ChoiceEnum(CROSS_ATTENTION) = field(
         default="t2r", metadata={"help": "encoder-decoder attention of translation models: t2r (the "
                                          "paper's) or keep softmax"})
+    t2r_cross_feature_map: Optional[ChoiceEnum(FEATURE_MAPS)] = field(
+        default=None, metadata={"help": "feature map of T2R cross-attention (translation models), chosen apart from "
+                                        "self-attention's: sharp alignments may want another map; default: "
+                                        "--t2r-feature-map"})
+    t2r_cross_feature_dim: Optional[int] = field(
+        default=None, metadata={"help": "feature size k per head of T2R cross-attention: its state is built once per "
+                                        "sentence, so k costs k x d per step and nothing per source token; "
+                                        "default: --t2r-feature-dim"})
     t2r_decay: ChoiceEnum(DECAYS) = field(
         default="none", metadata={"help": "decay of the T2R self-attention state, S_t = g S_{t-1} + k_t v_t^T: "
                                           "none (the paper's), fixed (a constant per head, RetNet's), learned "
@@ -120,6 +128,8 @@ class T2ROptions:
     chunk_size: int
     softmax_layers: FrozenSet[int]  # decoder layers that keep softmax self-attention
     cross_attention: str
+    cross_feature_map: str  # of T2R cross-attention
+    cross_feature_dim: int
     decay: str  # of the T2R self-attention state
     window: int  # of T2R self-attention: softmax over the last `window` positions; 0 = off
 
@@ -179,14 +189,33 @@ def _window(args, softmax_layers: FrozenSet[int]) -> int:
     return window
 
 
+def _cross_features(args, feature_map: str, feature_dim: int, cross_attention: str):
+    """(map, size) of T2R cross-attention: self-attention's unless given."""
+    given = [name for name in ("t2r_cross_feature_map", "t2r_cross_feature_dim")
+             if safe_getattr(args, name, None) is not None]
+    if given and cross_attention == "softmax":
+        raise T2ROptionError(f"--{given[0].replace('_', '-')} sets the features of T2R cross-attention, and "
+                             f"--t2r-cross-attention softmax keeps it softmax: drop one of them")
+    cross_map = _choice(args, "t2r_cross_feature_map", FEATURE_MAPS) if "t2r_cross_feature_map" in given \
+        else feature_map
+    cross_dim = _positive_int(args, "t2r_cross_feature_dim") if "t2r_cross_feature_dim" in given else feature_dim
+    return cross_map, cross_dim
+
+
 def t2r_options(args) -> T2ROptions:
     """The checked T2R options of model args (argparse Namespace or fairseq config; missing
     options take T2RConfig's defaults). Raises T2ROptionError naming the flag."""
     softmax_layers = _softmax_layers(args)
-    return T2ROptions(feature_map=_choice(args, "t2r_feature_map", FEATURE_MAPS),
-                      feature_dim=_positive_int(args, "t2r_feature_dim"),
+    feature_map = _choice(args, "t2r_feature_map", FEATURE_MAPS)
+    feature_dim = _positive_int(args, "t2r_feature_dim")
+    cross_attention = _choice(args, "t2r_cross_attention", CROSS_ATTENTION)
+    cross_map, cross_dim = _cross_features(args, feature_map, feature_dim, cross_attention)
+    return T2ROptions(feature_map=feature_map,
+                      feature_dim=feature_dim,
                       chunk_size=_positive_int(args, "t2r_chunk_size"),
                       softmax_layers=softmax_layers,
-                      cross_attention=_choice(args, "t2r_cross_attention", CROSS_ATTENTION),
+                      cross_attention=cross_attention,
+                      cross_feature_map=cross_map,
+                      cross_feature_dim=cross_dim,
                       decay=_decay(args, softmax_layers),
                       window=_window(args, softmax_layers))

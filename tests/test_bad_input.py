@@ -80,6 +80,9 @@ def test_convert_refuses_to_tie_what_the_teacher_kept_apart():
     ("--t2r-softmax-layers", "1,x", "--t2r-softmax-layers must be comma-separated layer indices"),
     ("--t2r-softmax-layers", 2, "--t2r-softmax-layers [2] out of range for 2 decoder layers"),
     ("--t2r-feature-map", "cosine", "invalid choice"),
+    ("--t2r-softmax-layers", "0,1", "--t2r-softmax-layers covers all 2 decoder layers: every attention stays softmax"),
+    ("--t2r-cross-feature-dim", 8, "--t2r-cross-feature-dim sets the features of T2R cross-attention, which a "
+                                   "language model does not have"),
 ])
 def test_converter_rejects_bad_options(checkpoints, tmp_path, capsys, flag, value, expect):
     _convert_fails(["--input", checkpoints / "softmax.pt", flag, value], expect, tmp_path, capsys)
@@ -256,6 +259,18 @@ def _train(dictionaries, tmp_path, args):
 ])
 def test_fairseq_train_bad_t2r_option_is_one_line(dictionaries, tmp_path, flag, value, expect):
     proc = _train(dictionaries, tmp_path, [*LM_TASK, flag, value])
+    _assert_one_line_error(proc, expect, prog="fairseq-train", code=1)
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--t2r-cross-feature-dim", 0], "--t2r-cross-feature-dim must be a positive integer, got 0"),
+    (["--t2r-cross-feature-dim", 8, "--t2r-cross-attention", "softmax"],
+     "--t2r-cross-feature-dim sets the features of T2R cross-attention, and --t2r-cross-attention softmax keeps it "
+     "softmax: drop one of them"),
+    (["--t2r-cross-feature-map", "hedgehog", "--t2r-cross-attention", "softmax"], "--t2r-cross-feature-map sets"),
+])
+def test_fairseq_train_bad_cross_feature_option_is_one_line(dictionaries, tmp_path, flags, expect):
+    proc = _train(dictionaries, tmp_path, [*MT_TASK, *flags])
     _assert_one_line_error(proc, expect, prog="fairseq-train", code=1)
 
 

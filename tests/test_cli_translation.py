@@ -118,17 +118,28 @@ def test_offline_converter_then_generate(workdir):
     assert sorted(hyps) == list(range(N_TEST))
 
 
-def test_window_and_decay_generation_is_batch_size_invariant(workdir):
-    """A softmax window shorter than the targets (so the ring buffer wraps and older keys move into
-    the state) with a gated decay: beam search gives every sentence of a batch of 25 the
-    hypothesis and score it gets alone."""
-    out_path = workdir / "window/t2r.pt"
-    run(["t2r-convert", "--input", workdir / "softmax/checkpoint_last.pt", "--output", out_path,
-         "--t2r-window", 2, "--t2r-decay", "gated"])
+@pytest.mark.parametrize("name,flags", [
+    # A softmax window shorter than the targets (the ring buffer wraps and older keys move into the state)
+    # with a gated decay.
+    ("window", ["--t2r-window", 2, "--t2r-decay", "gated"]),
+    # Cross-attention with its own feature map and size (self-attention keeps the defaults: t2r, 32).
+    ("cross_features", ["--t2r-cross-feature-map", "hedgehog", "--t2r-cross-feature-dim", 16]),
+])
+def test_converted_generation_is_batch_size_invariant(workdir, name, flags):
+    """Beam search gives every sentence of a batch of 25 the hypothesis and score it gets alone."""
+    out_path = workdir / f"{name}/t2r.pt"
+    result = run(["t2r-convert", "--input", workdir / "softmax/checkpoint_last.pt", "--output", out_path, *flags])
+    if name == "cross_features":
+        weights = torch.load(out_path)["model"]
+        assert weights["decoder.layers.0.encoder_attn.feature_map.projection.weight"].shape[:2] == (4, 16)
+        assert weights["decoder.layers.0.self_attn.feature_map.weight"].shape[:2] == (4, 32)
+        hedgehog = {f"decoder.layers.{i}.encoder_attn.feature_map.projection.{p}" for i in range(2)
+                    for p in ("weight", "bias")}
+        assert converter_log(result.stdout + result.stderr) == _feature_maps(("self_attn",)) | hedgehog
     one, many = (_hypotheses(run(["fairseq-generate", workdir / "bin", "--path", out_path, *GENERATE,
                                   "--batch-size", bs, "--gen-subset", "test"]).stdout) for bs in (1, 25))
     assert sorted(one) == sorted(many) == list(range(N_TEST))
-    assert max(len(h.split()) for _, h in one.values()) >= 2  # with </s>, longer than the window
+    assert max(len(h.split()) for _, h in one.values()) >= 2  # with </s>, longer than a window of 2
     assert {i: h for i, (_, h) in one.items()} == {i: h for i, (_, h) in many.items()}
     for i in one:
         assert abs(one[i][0] - many[i][0]) < 1e-3, (i, one[i], many[i])

@@ -127,6 +127,8 @@ MT_CASES = {
     "softmax_cross": TINY_MT + ["--t2r-cross-attention", "softmax"],
     "elu": TINY_MT + ["--t2r-feature-map", "elu"],
     "hybrid": TINY_MT + ["--t2r-softmax-layers", "0"],
+    # cross-attention with its own map and size (self-attention keeps TINY_MT's t2r, 8)
+    "cross_features": TINY_MT + ["--t2r-cross-feature-map", "hedgehog", "--t2r-cross-feature-dim", 16],
 }
 
 
@@ -188,7 +190,8 @@ def test_translation_sentence_in_padded_batch_equals_sentence_alone(case):
 ORDERS = {"beam": [1, 1, 0, 5, 3, 3], "finished": [4, 4, 5], "any": [2, 0, 5, 5, 1, 3]}
 
 
-@pytest.mark.parametrize("case,order", [(c, o) for c in ("t2r", "softmax_cross", "hybrid") for o in ORDERS
+@pytest.mark.parametrize("case,order", [(c, o) for c in ("t2r", "softmax_cross", "hybrid", "cross_features")
+                                        for o in ORDERS
                                         if o != "any" or c != "softmax_cross"])
 def test_translation_reorder_equals_decoding_permuted_batch(case, order):
     model = _mt_model(case)
