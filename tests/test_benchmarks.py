@@ -119,3 +119,20 @@ def test_unknown_report_is_a_one_line_error():
     proc = run([sys.executable, "-m", "benchmarks.run", "--only", "decode,generate"], cwd=ROOT, check=False)
     assert proc.returncode == 2 and "--only takes decode, train, memory (comma-separated), got decode,generate" \
         in proc.stderr.splitlines()[-1]
+
+
+def test_cross_attention_crossing_benchmark_writes_its_table_and_plot(tmp_path):
+    """python -m benchmarks.cross_attention at a tiny size: a row per (source length, model), the
+    table and plot, and a crossing that is one of the measured lengths (or none)."""
+    proc = run([sys.executable, "-m", "benchmarks.cross_attention", "--lengths", "8,32", "--output-length", 3,
+                "--batch", 2, "--seconds", 0.05, "--layers", 1, "--dim", 32, "--heads", 2, "--ffn", 64,
+                "--vocab", 100, "--feature-dim", 8, "--out", tmp_path], cwd=ROOT)
+    data = json.loads((tmp_path / "cross_attention.json").read_text())
+    assert sorted((r["source_length"], r["model"]) for r in data["rows"]) == [
+        (n, m) for n in (8, 32) for m in ("softmax_cross", "t2r_cross")]
+    assert all(r["ms_per_sentence"] > 0 for r in data["rows"])
+    assert data["crossing"] in (None, 8, 32)
+    rows = _table((tmp_path / "cross_attention.md").read_text(), "| source tokens")
+    assert [row[0] for row in rows] == ["8", "32"]
+    assert (tmp_path / "cross_attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "cross-attention" in proc.stdout
