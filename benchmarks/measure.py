@@ -6,6 +6,8 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
+from tools.kit import human_bytes
+
 
 def peak_bytes(fn) -> int:
     """Peak bytes of torch tensors allocated by fn() above those live when it started."""
@@ -30,10 +32,3 @@ def row_line(row):
     def show(key, value):
         return human_bytes(value) if key.endswith("bytes") else f"{value:.3g}" if isinstance(value, float) else value
     return "  " + ", ".join(f"{key} {show(key, value)}" for key, value in row.items())
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024

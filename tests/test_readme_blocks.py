@@ -143,7 +143,7 @@ exec {shutil.which("make")} -n -C {ROOT} "$@"
 """)
     write_executable(shims / "python", f"""#!/bin/sh
 # This environment's python; the Multi30k recipe gets tiny sizes and this sandbox's output paths.
-if [ "$1" = examples/translation/multi30k.py ]; then exec {python} "$@" {words(TINY_MULTI30K)}; fi
+if [ "$1 $2" = "-m examples.translation.multi30k" ]; then exec {python} "$@" {words(TINY_MULTI30K)}; fi
 exec {python} "$@"
 """)
     write_executable(shims / "sacremoses", """#!/bin/sh
@@ -236,7 +236,7 @@ def sandboxes(tmp_path_factory, lm_workdir):
         shims = write_standins(root / "standin", lm_workdir)
         repo = root / "repo"  # the repository root as the READMEs see it
         repo.mkdir()
-        for name in ("t2r_fairseq", "examples"):
+        for name in ("t2r_fairseq", "examples", "tools"):
             (repo / name).symlink_to(ROOT / name)
         write_parallel_corpus(root / "shared/data/multi30k", {"train": 300, "val": 20, "test_2016_flickr": 20},
                               src="en", tgt="de")  # ../shared/data/multi30k
