@@ -29,7 +29,7 @@ def _load(name):
 
 
 def use_results(directory):
-    """Build from another results directory (tests: a quick benchmark's output)."""
+    """Build from another results directory."""
     global RESULTS
     RESULTS = pathlib.Path(directory)
 
