@@ -191,7 +191,8 @@ def wikitext2():
               if "decode_ms_per_token" in data.get(n, {})]
     if decode:
         lengths = list(decode[0][1])
-        lines += ["", "Decode cost per token (ms, batch 1, one thread; `python -m examples.language_model.decode_speed`):",
+        lines += ["", "Decode cost per token (ms, batch 1, one thread; "
+                  "`python -m examples.language_model.decode_speed`):",
                   "",
                   "| row | " + " | ".join(f"prefix {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         lines += [f"| {label} | " + " | ".join(f"{ms[n]:.2f}" for n in lengths) + " |" for label, ms in decode]
@@ -233,13 +234,14 @@ def headline():
         if mt_row:
             cells[4:] = [f"{mt[mt_row]['bleu']:.2f}", f"{mt[mt_row]['bleu'] - bleu_bar:+.2f}"]
         lines.append(f"| {setting} | {options} | " + " | ".join(cells) + " |")
-    lines += ["", f"WikiText-2: a 2 x 128 `transformer_lm` teacher ({lm['teacher']['updates']} updates), every other row "
-              f"{lm['teacher_continued']['updates']} more updates from it; perplexity per BPE token with a "
-              f"{lm['setup']['eval'].split('--context-window ')[1].split(' ')[0]}-token context window, and with the "
-              "state carried over the whole test split where every layer is recurrent. Decode cost: batch 1, one "
-              "thread, CPU; softmax's is the teacher's (the same model). Multi30k: a 2+2-layer x 128 transformer, "
-              f"{mt['teacher_continued']['updates']} updates from a {mt['teacher']['updates']}-update teacher, "
-              "beam 5, sacreBLEU. Every row, and the rest: [results/README.md](results/README.md)."]
+    window = re.search(r"--context-window (\d+)", lm["setup"]["eval"]).group(1)
+    lines += ["", f"WikiText-2: a small `transformer_lm` teacher ({lm['teacher']['updates']} updates), every other "
+              f"row {lm['teacher_continued']['updates']} more updates from it; perplexity per BPE token with a "
+              f"{window}-token context window, and with the state carried over the whole test split where every "
+              "layer is recurrent. Decode cost: batch 1, one thread, CPU; softmax's is the teacher's (the same "
+              f"model). Multi30k: a small transformer, {mt['teacher_continued']['updates']} updates from a "
+              f"{mt['teacher']['updates']}-update teacher, beam 5, sacreBLEU. Every row, and the rest: "
+              "[results/README.md](results/README.md)."]
     return "\n".join(lines) + "\n"
 
 

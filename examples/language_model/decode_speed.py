@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m examples.language_model.decode_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.language_model.decode_speed",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=pathlib.Path, default=ROOT / "runs/wikitext2")
     p.add_argument("--results", type=pathlib.Path, default=ROOT / "results/wikitext2.json")
     p.add_argument("--rows", default="teacher,hybrid_50,t2r_pretrain")

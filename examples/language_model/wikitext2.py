@@ -94,7 +94,8 @@ def adopted_progress(checkpoint, train_log):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m examples.language_model.wikitext2", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.language_model.wikitext2",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared/data/wikitext-2")
     p.add_argument("--work", type=pathlib.Path, default=ROOT / "runs/wikitext2")
     p.add_argument("--results", type=pathlib.Path, default=ROOT / "results/wikitext2.json")
