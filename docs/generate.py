@@ -311,16 +311,16 @@ def main(argv=None):
     p.add_argument("--check", action="store_true", help="only check; exit 1 when a page or the figure is stale")
     args = p.parse_args(argv)
     use_results(args.results)
-    stale = [page for page in args.pages if render(page.read_text()) != page.read_text()]
-    if not figure_is_current():
-        stale.append(FIGURE)
+    pages = {page: render(page.read_text()) for page in args.pages}
+    stale = [page for page, text in pages.items() if page.read_text() != text]
+    figure_stale = not figure_is_current()
     if args.check:
-        for path in stale:
+        for path in stale + [FIGURE] * figure_stale:
             print(f"{path} is stale: run `python -m docs.generate`", file=sys.stderr)
-        return 1 if stale else 0
-    for page in args.pages:
-        page.write_text(render(page.read_text()))
-    if FIGURE in stale:
+        return 1 if stale or figure_stale else 0
+    for page in stale:
+        page.write_text(pages[page])
+    if figure_stale:
         draw_figure()
     return 0
 
