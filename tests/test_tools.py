@@ -45,6 +45,21 @@ def test_results_rows_survive_other_writers_and_writes_are_atomic(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o644"
 
 
+def test_run_rows_skips_recorded_rows_unless_forced_and_records_the_setup(tmp_path):
+    store, ran = kit.Results(tmp_path / "r.json"), []
+
+    def run_row(name):
+        ran.append(name)
+        return {"n": len(ran)}
+
+    store.run_rows(["a", "b"], {"a", "b", "c"}, set(), run_row, lambda: {"runs": len(ran)})
+    store.run_rows(["a", "b", "c"], {"a", "b", "c"}, {"b"}, run_row, lambda: {"runs": len(ran)})
+    assert ran == ["a", "b", "b", "c"]
+    assert store.load() == {"a": {"n": 1}, "b": {"n": 3}, "c": {"n": 4}, "setup": {"runs": 4}}
+    with pytest.raises(SystemExit, match="unknown row 'd'; rows are a"):
+        store.run_rows(["d"], {"a": None}, set(), run_row, dict)
+
+
 def test_run_logged_writes_command_and_output_and_fails_in_one_line(tmp_path):
     out = kit.run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log")
     assert out == "hello\n" and (tmp_path / "ok.log").read_text().endswith("\n\nhello\n")
