@@ -6,6 +6,8 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
+from tools.kit import human_bytes
+
 
 def peak_bytes(fn) -> int:
     """Peak bytes of torch tensors allocated by fn() above those live when it started."""
@@ -36,9 +38,3 @@ def row_line(row):
         return f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
     return "  " + ", ".join(show(key, value) for key, value in row.items())
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024

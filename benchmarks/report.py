@@ -5,11 +5,11 @@ import json
 from operator import ge, le, lt
 
 from tools import kit
+from tools.kit import human_bytes
 
 from . import decode as decode_module
 from . import generation_memory
 from . import train as train_module
-from .measure import human_bytes
 from .models import WINDOW
 
 # Per variant (models.VARIANTS): its decode step / the floor's, at the shortest and the longest prefix, every

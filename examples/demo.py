@@ -1,4 +1,4 @@
-"""`make demo`: swap-then-finetune on CPU in a few minutes (the README has a measured run), no download.
+"""`make demo`: swap-then-finetune on CPU in a few minutes (results/README.md has a measured run), no download.
 
     python -m examples.demo [--data DIR] [--out runs/demo] [size knobs, see --help]
 
@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from tools import kit
 
 from . import demo_data
-from .demo_report import minutes, write_report
+from .demo_report import write_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "t2r_fairseq"
@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help="directory of raw text: train.txt/valid.txt/test.txt or WikiText-style "
                                   "wiki.{train,valid,test}.tokens (default: Python's reference docs)")
     p.add_argument("--out", default="runs/demo", help="output directory (its demo outputs are overwritten)")
-    size = p.add_argument_group("sizes (defaults: a few minutes on 2 CPU cores; the README has a measured run)")
+    size = p.add_argument_group("sizes (defaults: a few minutes on 2 CPU cores; results/README.md has a measured run)")
     size.add_argument("--vocab-size", type=int, default=2000, help="sentencepiece BPE vocabulary")
     size.add_argument("--layers", type=int, default=2)
     size.add_argument("--embed-dim", type=int, default=128, help="model width; FFN is 4x")
@@ -97,8 +97,8 @@ class Progress:
 
     def end(self, text: str = "") -> float:
         seconds = time.time() - self.step_start
-        took = f"{seconds:.0f}s" if seconds < 60 else minutes(seconds)
-        self.note(f"{text + '; ' if text else ''}took {took} (elapsed {minutes(time.time() - self.start)})")
+        took = f"{seconds:.0f}s" if seconds < 60 else kit.minutes(seconds)
+        self.note(f"{text + '; ' if text else ''}took {took} (elapsed {kit.minutes(time.time() - self.start)})")
         return seconds
 
 
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
         return 130
     print()
     print(table)
-    print(f"\nWhole demo: {minutes(machine['wall_seconds'])} wall, {minutes(machine['cpu_seconds'])} CPU time "
+    print(f"\nWhole demo: {kit.minutes(machine['wall_seconds'])} wall, {kit.minutes(machine['cpu_seconds'])} CPU time "
           f"on {machine['cpus']} CPUs (1-minute load average {machine['load_average_start']:.1f} at the start). "
           f"Report and plots: {out}/")
     if not all(math.isfinite(r["test_ppl"]) for r in runs.values()):

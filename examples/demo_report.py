@@ -3,6 +3,8 @@ tests), decode_time.png and ppl_vs_updates.png."""
 import json
 import pathlib
 
+from tools.kit import human_bytes, minutes
+
 ROWS = (  # (run name, model, initialized from)
     ("softmax", "softmax transformer_lm", "random"),
     ("softmax_continued", "softmax, trained on for the same updates (fair baseline)", "softmax weights"),
@@ -10,17 +12,6 @@ ROWS = (  # (run name, model, initialized from)
     ("t2r_converted", "T2R, swap-then-finetune", "softmax weights"),
     ("t2r_random", "T2R, trained from scratch", "random"),
 )
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def minutes(seconds: float) -> str:
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def tables(runs: dict, decoding: dict) -> str:

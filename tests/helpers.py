@@ -118,15 +118,16 @@ def run(cmd, cwd=None, check=True, env=None, input=None):
 
 
 def rerun_keeps_recorded_rows(cmd, results, work):
-    """A recipe's command run again resumes: its recorded rows stay as they were (the "setup" row
-    aside, which says how it last ran) and no checkpoint under `work` is written again."""
+    """A recipe's command (run from the repository root, as `python -m examples....`) run again resumes:
+    its recorded rows stay as they were (the "setup" row aside, which says how it last ran) and no
+    checkpoint under `work` is written again."""
     def state():
         rows = {name: row for name, row in json.loads(pathlib.Path(results).read_text()).items() if name != "setup"}
         return rows, {str(p): p.stat().st_mtime_ns for p in pathlib.Path(work).glob("**/checkpoint*.pt")}
 
     before = state()
     assert before[0] and before[1], before
-    run(cmd)
+    run(cmd, cwd=ROOT)
     assert state() == before
 
 

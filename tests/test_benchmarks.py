@@ -22,7 +22,7 @@ def _table(markdown, head):
     return rows
 
 
-def test_quick_benchmark_writes_every_table(tmp_path):
+def test_quick_benchmark_writes_every_table(tmp_path, monkeypatch):
     proc = run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", tmp_path], cwd=ROOT)
     assert "BAD" not in proc.stderr
     md = {name: (tmp_path / f"{name}.md").read_text() for name in ("bench_decode", "bench_train", "generation_memory")}
@@ -104,15 +104,15 @@ def test_quick_benchmark_writes_every_table(tmp_path):
     assert [row[0] for row in _table(md["generation_memory"], "| model | peak(")] == ["softmax", "t2r"]
     assert len(_table(md["generation_memory"], "| target |")) == 1
 
-    # The README's tables are built from the .json beside each report.
+    # results/README.md's tables are built from the .json beside each report.
     sys.path.insert(0, str(ROOT))
-    from tools import readme
+    from docs import generate
 
-    readme.use_results(tmp_path)
-    table = readme.bench_decode()
+    monkeypatch.setattr(generate, "RESULTS", tmp_path)
+    table = generate.bench_decode()
     assert [line.split(" | ")[:2] for line in table.splitlines() if line.startswith(("| 1 |", "| 4 |"))] == [
         ["| 1", str(n)] for n in QUICK_LENGTHS] + [["| 4", str(n)] for n in QUICK_LENGTHS], table
-    assert "T2R " in readme.generation_memory() and "(1." in readme.generation_memory()
+    assert "T2R " in generate.generation_memory() and "(1." in generate.generation_memory()
 
 
 def test_unknown_report_is_a_one_line_error():

@@ -1,4 +1,4 @@
-"""examples/translation/multi30k.py (the README's Multi30k command) end to end at a tiny size
+"""examples/translation/multi30k.py (the translation README's Multi30k command) end to end at a tiny size
 (needs ../shared/data/multi30k)."""
 import json
 import re
@@ -21,9 +21,9 @@ TINY_RECIPE = ["--train-lines", 200, "--valid-lines", 30, "--test-lines", 20, "-
 @pytest.mark.skipif(not (MULTI30K / "train.en").is_file(), reason=f"needs Multi30k at {MULTI30K}")
 def test_multi30k_recipe_runs_at_tiny_size(tmp_path):
     results = tmp_path / "multi30k.json"
-    cmd = [sys.executable, ROOT / "examples/translation/multi30k.py", MULTI30K, "--work", tmp_path / "work",
+    cmd = [sys.executable, "-m", "examples.translation.multi30k", MULTI30K, "--work", tmp_path / "work",
            "--results", results, *TINY_RECIPE]
-    run(cmd)
+    run(cmd, cwd=ROOT)
     recorded = json.loads(results.read_text())
     assert set(recorded) == {"teacher", "t2r_pretrain", "teacher_continued", "t2r_window_distill", "setup"}
     # teacher_continued gets exactly the updates T2R's finetuning got.

@@ -1,9 +1,10 @@
-"""Every shell block of every README runs through bash as written, at a tiny size; so does README.md's
-Python API section.
+"""Every shell block of every README and of docs/ runs through bash as written, at a tiny size; so does
+README.md's Python API section.
 
 A command that a test only parses can still fail in a shell (quoting, a variable never set, a file an
 earlier step did not write), so each README's ```bash blocks run in order, in one `bash` process with
-`set -euo pipefail`, from a sandbox laid out like the repository root. What may differ from a user's
+`set -euo pipefail`, from a sandbox laid out like the repository root; the pages of docs/ continue
+README.md's commands in its sandbox. What may differ from a user's
 run, and nothing else:
 - sizes: the values of named flags are substituted (`--max-update 50000` -> 2, ...), an architecture
   name gets tiny dimensions after it, `--fp16` becomes `--cpu`; `...` in a command (the README's "the
@@ -79,7 +80,9 @@ def substitute(script, flags, literal):
 README_MD = ROOT / "README.md"
 TRANSLATION = ROOT / "examples/translation/README.md"
 LANGUAGE_MODEL = ROOT / "examples/language_model/README.md"
-READMES = (README_MD, TRANSLATION, LANGUAGE_MODEL)
+# The pages whose shell blocks run in each README's sandbox, in order: docs/ continues README.md.
+PAGES = {README_MD: (README_MD, *sorted((ROOT / "docs").glob("*.md"))), TRANSLATION: (TRANSLATION,),
+         LANGUAGE_MODEL: (LANGUAGE_MODEL,)}
 
 
 def readme_substitutions(readme, port):
@@ -101,21 +104,22 @@ def readme_substitutions(readme, port):
 
 def shell_script(readme, port):
     parts = ["set -euo pipefail", "trap 'echo \"failed: line $LINENO: $BASH_COMMAND\" >&2' ERR"]
-    for language, line, body in fenced_blocks(readme.read_text()):
-        if language in SHELL:
-            parts += [f"echo \"### {readme.relative_to(ROOT)}, block at line {line} (at ${{SECONDS}}s)\" >&2", body]
+    for page in PAGES[readme]:
+        for language, line, body in fenced_blocks(page.read_text()):
+            if language in SHELL:
+                parts += [f"echo \"### {page.relative_to(ROOT)}, block at line {line} (at ${{SECONDS}}s)\" >&2", body]
     flags, literal = readme_substitutions(readme, port)
     return substitute("\n".join(parts) + "\n", flags, literal)
 
 
 def test_every_command_block_is_tagged_bash():
     """Untagged blocks are skipped by the runs below: none of them may be commands."""
-    for readme in READMES:
-        for language, line, body in fenced_blocks(readme.read_text()):
+    for page in (*(page for pages in PAGES.values() for page in pages), ROOT / "results/README.md"):
+        for language, line, body in fenced_blocks(page.read_text()):
             first = next((line.strip() for line in body.splitlines()
                           if line.strip() and not line.strip().startswith("#")), "")
             assert language or not COMMAND.match(first), \
-                f"{readme.relative_to(ROOT)}:{line}: a command block without a language: tag it ```bash"
+                f"{page.relative_to(ROOT)}:{line}: a command block without a language: tag it ```bash"
 
 
 # -- stand-ins and sandboxes -------------------------------------------------------------------
@@ -143,7 +147,7 @@ exec {shutil.which("make")} -n -C {ROOT} "$@"
 """)
     write_executable(shims / "python", f"""#!/bin/sh
 # This environment's python; the Multi30k recipe gets tiny sizes and this sandbox's output paths.
-if [ "$1" = examples/translation/multi30k.py ]; then exec {python} "$@" {words(TINY_MULTI30K)}; fi
+if [ "$1 $2" = "-m examples.translation.multi30k" ]; then exec {python} "$@" {words(TINY_MULTI30K)}; fi
 exec {python} "$@"
 """)
     write_executable(shims / "sacremoses", """#!/bin/sh
@@ -236,7 +240,7 @@ def sandboxes(tmp_path_factory, lm_workdir):
         shims = write_standins(root / "standin", lm_workdir)
         repo = root / "repo"  # the repository root as the READMEs see it
         repo.mkdir()
-        for name in ("t2r_fairseq", "examples"):
+        for name in ("t2r_fairseq", "examples", "tools"):
             (repo / name).symlink_to(ROOT / name)
         write_parallel_corpus(root / "shared/data/multi30k", {"train": 300, "val": 20, "test_2016_flickr": 20},
                               src="en", tgt="de")  # ../shared/data/multi30k

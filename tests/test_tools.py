@@ -1,4 +1,5 @@
-"""tools/: the kit examples and benchmarks share, and the README tables built from results/."""
+"""tools/: the floor examples and benchmarks share; docs.generate: the pages' tables and figure built from results/."""
+import ast
 import json
 import os
 import sys
@@ -44,6 +45,21 @@ def test_results_rows_survive_other_writers_and_writes_are_atomic(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o644"
 
 
+def test_run_rows_skips_recorded_rows_unless_forced_and_records_the_setup(tmp_path):
+    store, ran = kit.Results(tmp_path / "r.json"), []
+
+    def run_row(name):
+        ran.append(name)
+        return {"n": len(ran)}
+
+    store.run_rows(["a", "b"], {"a", "b", "c"}, set(), run_row, lambda: {"runs": len(ran)})
+    store.run_rows(["a", "b", "c"], {"a", "b", "c"}, {"b"}, run_row, lambda: {"runs": len(ran)})
+    assert ran == ["a", "b", "b", "c"]
+    assert store.load() == {"a": {"n": 1}, "b": {"n": 3}, "c": {"n": 4}, "setup": {"runs": 4}}
+    with pytest.raises(SystemExit, match="unknown row 'd'; rows are a"):
+        store.run_rows(["d"], {"a": None}, set(), run_row, dict)
+
+
 def test_run_logged_writes_command_and_output_and_fails_in_one_line(tmp_path):
     out = kit.run_logged([sys.executable, "-c", "print('hello')"], tmp_path / "ok.log")
     assert out == "hello\n" and (tmp_path / "ok.log").read_text().endswith("\n\nhello\n")
@@ -53,18 +69,41 @@ def test_run_logged_writes_command_and_output_and_fails_in_one_line(tmp_path):
     assert e.value.tail == "boom\n"
 
 
-def test_committed_readme_matches_the_results_files():
-    proc = run([sys.executable, "-m", "tools.readme", "--check"], cwd=ROOT, check=False)
+def test_tools_is_the_floor():
+    """tools/ imports nothing of this repository's (examples, benchmarks and docs stand on it)."""
+    ours = {"t2r_fairseq", "examples", "benchmarks", "docs"}
+    for path in (ROOT / "tools").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {n.split(".")[0] for n in names} & ours, f"{path.name} imports {names}"
+
+
+def test_committed_pages_and_figure_match_the_results_files():
+    proc = run([sys.executable, "-m", "docs.generate", "--check"], cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_a_hand_edited_number_makes_the_check_fail(tmp_path):
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "results/README.md").read_text()
     start = text.index("<!-- generated: multi30k -->")
     stale = text[:start] + text[start:].replace("|", "| 99.99 |", 3)
-    (tmp_path / "README.md").write_text(stale)
-    proc = run([sys.executable, "-m", "tools.readme", "--check", "--readme", tmp_path / "README.md"], cwd=ROOT,
-               check=False)
-    assert proc.returncode == 1 and "stale" in proc.stderr
-    run([sys.executable, "-m", "tools.readme", "--readme", tmp_path / "README.md"], cwd=ROOT)
-    assert (tmp_path / "README.md").read_text() == text
+    page = tmp_path / "README.md"
+    page.write_text(stale)
+    proc = run([sys.executable, "-m", "docs.generate", "--check", page], cwd=ROOT, check=False)
+    assert proc.returncode == 1 and f"{page} is stale" in proc.stderr
+    run([sys.executable, "-m", "docs.generate", page], cwd=ROOT)
+    assert page.read_text() == text
+
+
+def test_the_figure_is_stale_when_its_numbers_change_or_it_is_missing(tmp_path, monkeypatch):
+    """Checked by the numbers it plots (kept in the PNG's metadata), not by its pixels."""
+    from docs import generate
+
+    assert generate.figure_is_current()
+    results = json.loads((ROOT / "results/wikitext2.json").read_text())
+    results["t2r_pretrain"]["test_ppl"] += 1
+    (tmp_path / "wikitext2.json").write_text(json.dumps(results))
+    monkeypatch.setattr(generate, "RESULTS", tmp_path)
+    assert not generate.figure_is_current()
+    assert not generate.figure_is_current(tmp_path / "missing.png")

@@ -1,4 +1,4 @@
-"""examples/language_model/wikitext2.py (the README's WikiText-2 command) end to end at a tiny
+"""examples/language_model/wikitext2.py (results/README.md's WikiText-2 command) end to end at a tiny
 size, on WikiText-style files written from Python's reference docs."""
 import json
 import sys
@@ -16,9 +16,9 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
     for split in ("train", "valid", "test"):
         (data / f"wiki.{split}.tokens").write_text((raw / f"{split}.txt").read_text())
     results = tmp_path / "wikitext2.json"
-    cmd = [sys.executable, ROOT / "examples/language_model/wikitext2.py", "--data", data, "--work",
+    cmd = [sys.executable, "-m", "examples.language_model.wikitext2", "--data", data, "--work",
            tmp_path / "work", "--results", results, *TINY]
-    run(cmd)
+    run(cmd, cwd=ROOT)
     recorded = json.loads(results.read_text())
     assert set(recorded) == {"teacher", "t2r_pretrain", "hybrid_50", "teacher_continued", "setup"}
     # Finetunes (and the continued teacher) get a quarter of the teacher's updates.
@@ -34,8 +34,8 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
     rerun_keeps_recorded_rows(cmd, results, tmp_path / "work")
 
     # The hybrid trade-off's speed half: decode cost per row and prefix length.
-    run([sys.executable, ROOT / "examples/language_model/decode_speed.py", "--work", tmp_path / "work", "--results",
-         results, "--lengths", "16,48", "--seconds", 0.05])
+    run([sys.executable, "-m", "examples.language_model.decode_speed", "--work", tmp_path / "work", "--results",
+         results, "--lengths", "16,48", "--seconds", 0.05], cwd=ROOT)
     recorded = json.loads(results.read_text())
     for name in ("teacher", "hybrid_50", "t2r_pretrain"):
         costs = recorded[name]["decode_ms_per_token"]

@@ -1,6 +1,7 @@
-"""What examples/ and benchmarks/ share: running a command with a log, reading fairseq's
-perplexity, sentencepiece BPE, the machine and its load, and a results file that rows are
-recorded into as they finish (so long experiments resume where they stopped)."""
+"""The floor that examples/, benchmarks/ and docs/ stand on (it imports nothing of theirs): running a
+command with a log, reading fairseq's perplexity, sentencepiece BPE, the machine and its load, how
+bytes and durations are printed, and a results file that rows are recorded into as they finish (so
+long experiments resume where they stopped)."""
 import json
 import os
 import pathlib
@@ -10,11 +11,29 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 
 BIN = pathlib.Path(sys.executable).parent
 # Timings taken next to other work are off by up to 5x on a 2-core machine: above this 1-minute
 # load average, measurements warn.
 BUSY_LOAD = 1.0
+
+
+def log(msg):
+    """A progress line, time-stamped."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def minutes(seconds: float) -> str:
+    """m:ss"""
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 class CommandFailed(RuntimeError):
@@ -62,6 +81,17 @@ def run_or_exit(cmd, log_path) -> str:
         return run_logged(cmd, log_path)
     except CommandFailed as e:
         sys.exit(f"error: {e}\n{e.tail}")
+
+
+def train_fresh(cmd, save_dir, log_path, run=run_or_exit):
+    """fairseq-train `cmd` (the arguments after the command name) into save_dir as a new run: the
+    checkpoints an earlier run left there are removed first, or fairseq would resume from them.
+    `run(cmd, log_path)` runs it. Returns (output, minutes of wall clock)."""
+    for old in pathlib.Path(save_dir).glob("checkpoint*.pt"):
+        old.unlink()
+    start = time.time()
+    text = run(["fairseq-train", *cmd, "--save-dir", save_dir], log_path)
+    return text, (time.time() - start) / 60
 
 
 def perplexity(text: str) -> float:
@@ -156,6 +186,20 @@ class Results:
         results = self.load()
         results[name].update(fields)
         self.write(results)
+
+    def run_rows(self, names, known, force, run_row, setup):
+        """Compute each row of `names` with run_row(name) and record it as it ends, with setup() (how the
+        rows were made) as the "setup" row; rows recorded already are skipped unless in `force`."""
+        for name in names:
+            if name not in known:
+                sys.exit(f"error: unknown row {name!r}; rows are {', '.join(known)}")
+            if name in self.load() and name not in force:
+                log(f"{name}: recorded already (--force {name} reruns it)")
+                continue
+            row = run_row(name)
+            log(f"{name}: {row}")
+            self.record(name, row)
+            self.record("setup", setup())
 
     def write(self, results: dict):
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ trade-off (softmax teacher, hybrid softmax/T2R, T2R), measured with `make bench`
 (benchmarks/decode.py: prefill, then single-token steps through fairseq's incremental decoding,
 models taking turns, CPU time of one thread).
 
-    python examples/language_model/decode_speed.py [--rows teacher,hybrid_50,t2r_pretrain]
+    python -m examples.language_model.decode_speed [--rows teacher,hybrid_50,t2r_pretrain]
 
 Adds "decode_ms_per_token" {prefix length: ms} to each row of results/wikitext2.json.
 """
@@ -12,13 +12,14 @@ import os
 import pathlib
 import sys
 
+from tools import kit
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # run as a script from the checkout: benchmarks/ and tools/ are beside examples/
-from tools import kit  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.language_model.decode_speed",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=pathlib.Path, default=ROOT / "runs/wikitext2")
     p.add_argument("--results", type=pathlib.Path, default=ROOT / "results/wikitext2.json")
     p.add_argument("--rows", default="teacher,hybrid_50,t2r_pretrain")
@@ -28,7 +29,7 @@ def main(argv=None):
     rows = args.rows.split(",")
     missing = [r for r in rows if not (args.work / r / "checkpoint_last.pt").is_file()]
     if missing:
-        sys.exit(f"error: no checkpoint_last.pt for {', '.join(missing)} under {args.work} (run wikitext2.py first)")
+        sys.exit(f"error: no checkpoint_last.pt for {', '.join(missing)} under {args.work} (run examples.language_model.wikitext2 first)")
 
     # benchmarks.measure uses torch.profiler, whose C++ side would print status lines.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
@@ -53,7 +54,7 @@ def main(argv=None):
     for r in rows:
         store.update(r, decode_ms_per_token={str(m["length"]): round(1000 * m["step_s"], 3)
                                              for m in measured if m["model"] == r})
-    store.update("setup", decode=("python examples/language_model/decode_speed.py: batch 1, CPU time per token of "
+    store.update("setup", decode=("python -m examples.language_model.decode_speed: batch 1, CPU time per token of "
                                   "one thread after a prefix of L tokens (fairseq incremental decoding); 1-minute "
                                   f"load average {load:.2f} at the start"))
 

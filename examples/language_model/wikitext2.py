@@ -1,6 +1,6 @@
 """Swap-then-finetune on WikiText-2 at CPU scale: the paper's language-modelling claims.
 
-    python examples/language_model/wikitext2.py --data ../shared/data/wikitext-2
+    python -m examples.language_model.wikitext2 --data ../shared/data/wikitext-2
 
 Rows: a softmax teacher; T2R / ELU / RFA converted from it and finetuned for a quarter of the
 teacher's updates; T2R from random init for the same number of updates and for as many as the
@@ -22,11 +22,11 @@ import datetime
 import pathlib
 import re
 import sys
-import time
+
+from tools import kit
+from tools.kit import log
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # run as a script from the checkout: tools/ is beside examples/
-from tools import kit  # noqa: E402
 
 USER_DIR = str(ROOT / "t2r_fairseq")
 
@@ -43,10 +43,6 @@ def train_args(tokens_per_sample, max_tokens, lr, warmup, streams=False):
             "--clip-norm", "1.0", "--lr", str(lr), "--lr-scheduler", "inverse_sqrt", "--warmup-updates",
             str(warmup), "--weight-decay", "0.01", "--cpu", "--num-workers", "0", "--log-format", "simple",
             "--log-interval", "50", "--no-epoch-checkpoints", "--seed", "1"]
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def prepare(data, work, vocab):
@@ -97,8 +93,9 @@ def adopted_progress(checkpoint, train_log):
     return updates, (walls[-1] / 60 if walls else float("nan"))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m examples.language_model.wikitext2",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared/data/wikitext-2")
     p.add_argument("--work", type=pathlib.Path, default=ROOT / "runs/wikitext2")
     p.add_argument("--results", type=pathlib.Path, default=ROOT / "results/wikitext2.json")
@@ -122,19 +119,18 @@ def main(argv=None):
     for split in ("train", "valid", "test"):
         if not (args.data / f"wiki.{split}.tokens").is_file():
             sys.exit(f"error: {args.data} has no wiki.{split}.tokens (pass --data DIR with WikiText-2)")
+    return args
 
-    store = kit.Results(args.results)
-    results = store.load()
-    bin_dir = prepare(args.data, args.work, args.vocab)
+
+def row_options(args, teacher_ckpt):
+    """name: (fairseq-train options, updates, learning rate)."""
     n_teacher = args.teacher_updates
     n_finetune = max(1, int(n_teacher * args.finetune_fraction))
-    teacher_ckpt = args.work / "teacher/checkpoint_last.pt"
     t2r = ["--user-dir", USER_DIR, "--task", "t2r_language_modeling", "--arch", "t2r_lm",
            "--t2r-feature-dim", str(args.feature_dim)]
     t2r_streams = [a if a != "t2r_language_modeling" else "t2r_truncated_bptt_lm" for a in t2r]
     convert = ["--convert-from", teacher_ckpt]
-    tps, mt = args.tokens_per_sample, args.max_tokens
-    rows = {
+    return {
         "teacher": (["--task", "language_modeling", "--arch", "transformer_lm"], n_teacher, args.lr),
         "t2r_pretrain": (t2r + convert, n_finetune, args.finetune_lr),
         "elu_pretrain": (t2r + convert + ["--t2r-feature-map", "elu"], n_finetune, args.finetune_lr),
@@ -175,35 +171,35 @@ def main(argv=None):
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
                                teacher_ckpt], n_finetune, args.finetune_lr),
     }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    store = kit.Results(args.results)
+    bin_dir = prepare(args.data, args.work, args.vocab)
+    tps, mt = args.tokens_per_sample, args.max_tokens
+    rows = row_options(args, args.work / "teacher/checkpoint_last.pt")
     adopted = dict(a.split("=", 1) for a in args.adopt)
     wanted = args.rows.split(",") if args.rows else list(rows)
-    force = set(filter(None, args.force.split(",")))
-    for name in wanted:
-        if name in results and name not in force:
-            log(f"{name}: recorded already (--force {name} reruns it)")
-            continue
+
+    def run_row(name):
         extra, updates, lr = rows[name]
-        save = args.work / name
         if name in adopted:
             checkpoint = pathlib.Path(adopted[name])
             updates, minutes = adopted_progress(checkpoint, args.work / f"logs/{name}.train.log")
             log(f"{name}: adopting {checkpoint} ({updates} updates, {minutes:.1f} min of training)")
         else:
-            checkpoint = save / "checkpoint_last.pt"
-            for old in save.glob("checkpoint*.pt"):
-                old.unlink()  # a fresh run, not a resume of an earlier one
+            checkpoint = args.work / name / "checkpoint_last.pt"
             log(f"{name}: fairseq-train, {updates} updates")
-            start = time.time()
             warmup = min(400, max(1, updates // 10))
             # Validation on a slice of valid only traces the curve; the reported numbers come from
             # fairseq-eval-lm on the full splits.
             streams = "t2r_truncated_bptt_lm" in extra
-            kit.run_or_exit(["fairseq-train", bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup, streams),
-                             "--max-update", str(updates), "--save-dir", save, "--validate-interval-updates",
-                             str(max(1, updates // 4)), "--max-valid-steps", "25", "--save-interval-updates",
-                             str(max(1, updates // 6)), "--keep-interval-updates", "1"],
-                            args.work / f"logs/{name}.train.log")
-            minutes = (time.time() - start) / 60
+            _, minutes = kit.train_fresh(
+                [bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup, streams), "--max-update", str(updates),
+                 "--validate-interval-updates", str(max(1, updates // 4)), "--max-valid-steps", "25",
+                 "--save-interval-updates", str(max(1, updates // 6)), "--keep-interval-updates", "1"],
+                args.work / name, args.work / f"logs/{name}.train.log")
         row = {"updates": updates, "minutes": round(minutes, 1)}
         for subset in ("valid", "test"):
             row[f"{subset}_ppl"] = round(evaluate(bin_dir, checkpoint, tps, subset,
@@ -216,10 +212,11 @@ def main(argv=None):
             row["window"] = int(next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-window"), 0))
         if name != "teacher":
             row["init"] = "teacher" if {"--convert-from", "--finetune-from-model"} & set(extra) else "random"
-        log(f"{name}: {row}")
-        store.record(name, row)
-        store.record("setup", {
-            "commands": f"python examples/language_model/wikitext2.py --data {args.data} "
+        return row
+
+    def setup():
+        return {
+            "commands": f"python -m examples.language_model.wikitext2 --data {args.data} "
                         + " ".join(a for a in (argv or sys.argv[1:]) if not a.startswith("--data")),
             "teacher": "transformer_lm " + " ".join(MODEL) + f", sentencepiece BPE {args.vocab}, "
                        f"tokens_per_sample {tps}, max_tokens {mt}",
@@ -227,7 +224,9 @@ def main(argv=None):
             "machine": kit.machine(),
             "date": datetime.date.today().isoformat(),
             **({"notes": args.note} if args.note else {}),
-        })
+        }
+
+    store.run_rows(wanted, rows, set(filter(None, args.force.split(","))), run_row, setup)
     # Unbounded-context scoring applies to rows whose every layer is recurrent.
     for name, (extra, _, _) in rows.items():
         results = store.load()

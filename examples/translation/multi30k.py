@@ -1,6 +1,6 @@
 """Swap-then-finetune on Multi30k (EN-DE image captions) at CPU scale.
 
-    python examples/translation/multi30k.py ../shared/data/multi30k
+    python -m examples.translation.multi30k ../shared/data/multi30k
 
 Rows: a softmax transformer teacher; the teacher trained on for the finetuning budget
 (`teacher_continued`, the fair baseline when the teacher has not converged); T2R converted from it
@@ -25,18 +25,14 @@ import pathlib
 import re
 import shlex
 import sys
-import time
+
+from tools import kit
+from tools.kit import log
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # run as a script from the checkout: tools/ is beside examples/
-from tools import kit  # noqa: E402
 
 USER_DIR = str(ROOT / "t2r_fairseq")
 SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def sh(cmd, log_path, commands):
@@ -109,8 +105,42 @@ def generate(args, bin_dir, checkpoint, name, commands):
     return [hyps[str(i)] for i in range(n)], float(speed[-1][1])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def row_options(args, teacher_ckpt):
+    """name: fairseq-train options. The teacher trains from scratch; every other row gets the same
+    finetuning budget from it."""
+    task = ["--task", "translation", "--source-lang", args.src, "--target-lang", args.tgt]
+    t2r = ["--user-dir", USER_DIR, "--task", "t2r_translation", "--source-lang", args.src, "--target-lang", args.tgt,
+           "--arch", "t2r_transformer", "--t2r-feature-dim", args.feature_dim, "--convert-from", teacher_ckpt]
+    softmax = ["--criterion", "label_smoothed_cross_entropy"]
+    window = ["--t2r-window", args.window]
+    # Attention transfer (decoder self- and cross-attention) for the first updates, then everything
+    # on the label-smoothed cross-entropy: the criterion replaces label_smoothed_cross_entropy.
+    transfer = ["--criterion", "t2r_attention_transfer", "--attention-transfer-only-updates",
+                args.transfer_only_updates]
+    return {
+        "teacher": task + ["--arch", "transformer"] + softmax,
+        # The teacher trained on, softmax all along, for as many updates as every T2R finetuning:
+        # that is extra training too, so on a teacher that has not converged this is the fair baseline.
+        # (--user-dir only so that torch's safe loading accepts the fairseq checkpoint, see checkpoints.py)
+        "teacher_continued": task + ["--user-dir", USER_DIR, "--arch", "transformer", "--finetune-from-model",
+                                     teacher_ckpt] + softmax,
+        "t2r_pretrain": t2r + softmax,
+        "t2r_window": t2r + window + softmax,
+        "t2r_transfer": t2r + transfer,
+        "t2r_window_transfer": t2r + window + transfer,
+        # Both distillation terms from the first update (no transfer-only phase: those updates are
+        # taken from cross-entropy training): attention transfer and KL to the teacher's next-token
+        # distribution.
+        "t2r_window_distill": t2r + window + ["--criterion", "t2r_attention_transfer", "--distill-kl-weight",
+                                              args.kl_weight],
+        # Where the gap comes from: T2R self-attention with softmax cross-attention kept.
+        "t2r_softmax_cross": t2r + ["--t2r-cross-attention", "softmax"] + softmax,
+        "elu_pretrain": t2r + ["--t2r-feature-map", "elu"] + softmax,
+    }
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m examples.translation.multi30k", description=__doc__.split("\n\n")[0])
     p.add_argument("data", nargs="?", type=pathlib.Path, default=ROOT.parent / "shared/data/multi30k",
                    help="Multi30k folder with train/val/test_2016_flickr .en/.de (default: %(default)s)")
     p.add_argument("--data", dest="data_flag", type=pathlib.Path, default=None, help="same as the positional")
@@ -155,85 +185,53 @@ def main(argv=None):
         for lang in (args.src, args.tgt):
             if not (args.data / f"{name}.{lang}").is_file():
                 sys.exit(f"error: {args.data} has no {name}.{lang} (pass the Multi30k folder as the first argument)")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     import sacrebleu
 
     store = kit.Results(args.results)
     results = store.load()
     # Commands of rows recorded by an earlier invocation stay listed.
     commands = list(results.get("setup", {}).get("commands", []))
-    commands.append(f"python examples/translation/multi30k.py {shlex.join(argv if argv is not None else sys.argv[1:])}")
+    commands.append(f"python -m examples.translation.multi30k {shlex.join(argv if argv is not None else sys.argv[1:])}")
     bin_dir = prepare(args, commands)
     references = read_lines(args.data / f"{SPLITS['test']}.{args.tgt}", args.test_lines)
     teacher_ckpt = args.work / "teacher/checkpoint_last.pt"
-    task = ["--task", "translation", "--source-lang", args.src, "--target-lang", args.tgt]
-    t2r = ["--user-dir", USER_DIR, "--task", "t2r_translation", "--source-lang", args.src, "--target-lang", args.tgt,
-           "--arch", "t2r_transformer", "--t2r-feature-dim", args.feature_dim, "--convert-from", teacher_ckpt]
-    softmax = ["--criterion", "label_smoothed_cross_entropy"]
-    window = ["--t2r-window", args.window]
-    # Attention transfer (decoder self- and cross-attention) for the first updates, then everything
-    # on the label-smoothed cross-entropy: the criterion replaces label_smoothed_cross_entropy.
-    transfer = ["--criterion", "t2r_attention_transfer", "--attention-transfer-only-updates",
-                args.transfer_only_updates]
-    # name: fairseq-train options. The teacher trains from scratch; every other row gets the same
-    # finetuning budget from it.
-    rows = {
-        "teacher": task + ["--arch", "transformer"] + softmax,
-        # The teacher trained on, softmax all along, for as many updates as every T2R finetuning:
-        # that is extra training too, so on a teacher that has not converged this is the fair baseline.
-        # (--user-dir only so that torch's safe loading accepts the fairseq checkpoint, see checkpoints.py)
-        "teacher_continued": task + ["--user-dir", USER_DIR, "--arch", "transformer", "--finetune-from-model",
-                                     teacher_ckpt] + softmax,
-        "t2r_pretrain": t2r + softmax,
-        "t2r_window": t2r + window + softmax,
-        "t2r_transfer": t2r + transfer,
-        "t2r_window_transfer": t2r + window + transfer,
-        # Both distillation terms from the first update (no transfer-only phase: those updates are
-        # taken from cross-entropy training): attention transfer and KL to the teacher's next-token
-        # distribution.
-        "t2r_window_distill": t2r + window + ["--criterion", "t2r_attention_transfer", "--distill-kl-weight",
-                                              args.kl_weight],
-        # Where the gap comes from: T2R self-attention with softmax cross-attention kept.
-        "t2r_softmax_cross": t2r + ["--t2r-cross-attention", "softmax"] + softmax,
-        "elu_pretrain": t2r + ["--t2r-feature-map", "elu"] + softmax,
-    }
-    force = set(filter(None, args.force.split(",")))
-    for name in filter(None, args.rows.split(",")):
-        if name not in rows:
-            sys.exit(f"error: unknown row {name!r}; rows are {', '.join(rows)}")
-        if name in results and name not in force:
-            log(f"{name}: recorded already (--force {name} reruns it)")
-            continue
+    rows = row_options(args, teacher_ckpt)
+
+    def run_row(name):
         extra = rows[name]
         updates, lr = (args.teacher_updates, args.lr) if name == "teacher" else (args.finetune_updates,
                                                                                  args.finetune_lr)
         if name != "teacher" and not teacher_ckpt.exists():
             sys.exit(f"error: {name} starts from the teacher; run the teacher row first ({teacher_ckpt} is missing)")
         save = args.work / name
-        for old in save.glob("checkpoint*.pt"):
-            old.unlink()  # a fresh run, not a resume of an earlier one
         log(f"{name}: fairseq-train, {updates} updates")
-        start = time.time()
         # Finetuning starts from trained weights: a short warmup only protects the new feature maps.
         warmup = min(args.warmup if name == "teacher" else args.warmup // 3, max(1, updates // 5))
-        text = sh(["fairseq-train", bin_dir, *extra, *model_args(args),
-                   *train_args(args, updates, lr, warmup), "--save-dir", save],
-                  args.work / f"logs/{name}.train.log", commands)
+        text, minutes = kit.train_fresh([bin_dir, *extra, *model_args(args), *train_args(args, updates, lr, warmup)],
+                                        save, args.work / f"logs/{name}.train.log",
+                                        lambda cmd, log_path: sh(cmd, log_path, commands))
         done = re.findall(r"num_updates[ =](\d+)", text)
         valid = re.findall(r"valid on 'valid' subset \| loss ([0-9.]+) \| nll_loss ([0-9.]+)", text)
         hyps, speed = generate(args, bin_dir, save / "checkpoint_last.pt", name, commands)
         (args.work / f"{name}.test.{args.tgt}").write_text("\n".join(hyps) + "\n", encoding="utf-8")
         bleu = sacrebleu.corpus_bleu(hyps, [references])
         row = {"bleu": round(bleu.score, 2), "sentences_per_s": speed, "sentences_per_s_runs": [speed],
-               "updates": int(done[-1]) if done else 0, "train_minutes": round((time.time() - start) / 60, 1),
+               "updates": int(done[-1]) if done else 0, "train_minutes": round(minutes, 1),
                "valid_nll_loss": float(valid[-1][1]) if valid else None, "sacrebleu": str(bleu),
                "load_average_after": kit.load_average()}
         if "--convert-from" in extra:  # the options that make this row what it is
             row["t2r_options"] = shlex.join(str(a) for a in extra[extra.index(teacher_ckpt) + 1:])
         if name != "teacher":
             row["init"] = "teacher (update 0: the teacher's weights)"
-        log(f"{name}: {row}")
-        record(args, store, name, row, commands)
+        return row
+
+    store.run_rows(list(filter(None, args.rows.split(","))), rows, set(filter(None, args.force.split(","))),
+                   run_row, lambda: setup(args, commands))
 
     if args.speed_repeats:
         # One timing can be slowed by whatever ran beside it. Time every recorded model again,
@@ -254,16 +252,16 @@ def main(argv=None):
                 row["sentences_per_s_runs"] = row.get("sentences_per_s_runs", [row["sentences_per_s"]]) + [speed]
                 row["sentences_per_s"] = max(row["sentences_per_s_runs"])
                 row["timing_load"] = load  # 1-minute load average when this timing pass started
-                record(args, store, name, row, commands)
+                store.record(name, row)
+                store.record("setup", setup(args, commands))
     log(f"results in {args.results}")
 
 
-def record(args, store, name, row, commands):
-    """Write one row and the set-up into the results file."""
+def setup(args, commands):
+    """How the rows were made, for the results file."""
     import sacrebleu
 
-    store.record(name, row)
-    store.record("setup", {
+    return {
         "commands": list(dict.fromkeys(commands)),
         "model": f"transformer {args.layers} layers x {args.embed_dim} (ffn {args.ffn_dim}, {args.heads} heads), "
                  f"shared embeddings, joint sentencepiece BPE {args.vocab}, {args.src}->{args.tgt}; "
@@ -273,7 +271,7 @@ def record(args, store, name, row, commands):
                 f"size {args.gen_batch_size}, CPU, {args.threads} torch thread(s)), best of the runs listed",
         "machine": kit.machine(),
         "date": datetime.date.today().isoformat(),
-    })
+    }
 
 
 if __name__ == "__main__":

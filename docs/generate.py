@@ -1,19 +1,26 @@
-"""The README's result tables, built from the files in results/ so that the two cannot disagree.
+"""The documentation's tables and figure, built from the files in results/ so that they cannot disagree.
 
-    python -m tools.readme            # rewrite every generated block of README.md
-    python -m tools.readme --check    # exit 1 if README.md is not what the results files give
+    python -m docs.generate            # rewrite every generated block of the pages, and the figure
+    python -m docs.generate --check    # exit 1 if a page or the figure is not what the results files give
 
-A generated block sits between `<!-- generated: NAME -->` and `<!-- end: NAME -->`; everything
-outside the markers is left as written.
+A generated block sits between `<!-- generated: NAME -->` and `<!-- end: NAME -->` in any of the
+pages (README.md, results/README.md, docs/*.md); everything outside the markers is left as written.
+The figure (FIGURE) carries the numbers it plots in its PNG metadata, so checking it needs no drawing.
 """
 import argparse
+import itertools
 import json
 import pathlib
 import re
 import sys
 
+from examples.demo_report import tables
+from tools.kit import human_bytes, minutes
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
+PAGES = (ROOT / "README.md", ROOT / "results/README.md", *sorted((ROOT / "docs").glob("*.md")))
+FIGURE = ROOT / "results/wikitext2_quality_vs_cost.png"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
@@ -22,13 +29,9 @@ def _load(name):
 
 
 def use_results(directory):
-    """Build from another results directory (tests: a quick benchmark's output)."""
+    """Build from another results directory."""
     global RESULTS
     RESULTS = pathlib.Path(directory)
-
-
-def _minutes(seconds):
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def _pct(x, base):
@@ -50,15 +53,12 @@ def demo_console():
 
 
 def demo_tables():
-    sys.path.insert(0, str(ROOT))
-    from examples.demo_report import tables
-
     demo = _load("demo/results.json")
     m = demo["machine"]
     return (f"Measured by `make demo` (defaults) on {m['cpu']}, {m['cpus']} cores; 1-minute load average "
             f"{m['load_average_start']:.2f} at the start, {m['load_average_end']:.2f} at the end; whole demo "
-            f"{_minutes(m['wall_seconds'])} wall, {_minutes(m['cpu_seconds'])} CPU time "
-            f"([results/demo/report.md](results/demo/report.md)):\n\n" + tables(demo["runs"], demo["decoding"]) + "\n")
+            f"{minutes(m['wall_seconds'])} wall, {minutes(m['cpu_seconds'])} CPU time "
+            f"([demo/report.md](demo/report.md)):\n\n" + tables(demo["runs"], demo["decoding"]) + "\n")
 
 
 def _load_note(header):
@@ -67,8 +67,6 @@ def _load_note(header):
 
 
 def bench_decode():
-    from benchmarks.measure import human_bytes
-
     data = _load("bench_decode.json")
     t = {(r["length"], r["batch"], r["model"]): r for r in data["decode"]}
     lines = [f"Measured by `make bench` ({data['header']['date']}; {data['header']['machine']}; "
@@ -87,7 +85,7 @@ def bench_decode():
     if models:
         lines += ["", "Options, in their own side-by-side turns (step / the floor's, batch 1 and 16, prefix "
                   f"{min(n for n, _, _ in v)} and {max(n for n, _, _ in v)}; every table and target: "
-                  "[results/bench_decode.md](results/bench_decode.md)):", "",
+                  "[bench_decode.md](bench_decode.md)):", "",
                   "| model | " + " | ".join(f"batch {b}, prefix {n}" for n, b, m in v if m == "floor") + " |",
                   "|---|" + "---|" * sum(1 for *_, m in v if m == "floor")]
         lines += [f"| {m} | " + " | ".join(f"{v[(n, b, m)] / v[(n, b, 'floor')]:.2f}x" for n, b, f in v if f == "floor")
@@ -96,8 +94,6 @@ def bench_decode():
 
 
 def generation_memory():
-    from benchmarks.measure import human_bytes
-
     data = _load("generation_memory.json")
     t = {(r["model"], r["length"]): r for r in data["memory"]}
     short, long = min(r["length"] for r in data["memory"]), max(r["length"] for r in data["memory"])
@@ -195,41 +191,137 @@ def wikitext2():
               if "decode_ms_per_token" in data.get(n, {})]
     if decode:
         lengths = list(decode[0][1])
-        lines += ["", "Decode cost per token (ms, batch 1, one thread; `decode_speed.py`):", "",
+        lines += ["", "Decode cost per token (ms, batch 1, one thread; "
+                  "`python -m examples.language_model.decode_speed`):",
+                  "",
                   "| row | " + " | ".join(f"prefix {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         lines += [f"| {label} | " + " | ".join(f"{ms[n]:.2f}" for n in lengths) + " |" for label, ms in decode]
     return "\n".join(lines) + "\n"
 
 
-GENERATORS = {"demo-console": demo_console, "demo-tables": demo_tables, "bench-decode": bench_decode,
-              "generation-memory": generation_memory, "multi30k": multi30k, "wikitext2": wikitext2}
+HEADLINE = (  # (setting, its options, WikiText-2 row, the row whose decode cost it has, Multi30k row)
+    ("softmax, trained on for the same updates (the bar)", "-", "teacher_continued", "teacher", "teacher_continued"),
+    ("T2R, the paper's", "(defaults)", "t2r_pretrain", "t2r_pretrain", "t2r_pretrain"),
+    ("T2R, gated decay", "`--t2r-decay gated`", "t2r_decay_gated", "t2r_decay_gated", None),
+    ("T2R, softmax window 64 + linear", "`--t2r-window 64`", "t2r_window", "t2r_window", "t2r_window"),
+    ("T2R, window 64 + gated decay", "`--t2r-window 64 --t2r-decay gated`", "t2r_window_gated", "t2r_window_gated",
+     None),
+    ("hybrid: top layer softmax", "`--t2r-softmax-layers 1`", "hybrid_50", None, None),
+    ("T2R, cross-attention kept softmax", "`--t2r-cross-attention softmax`", None, None, "t2r_softmax_cross"),
+)
+
+
+def _longest_prefix(lm):
+    return max(lm["teacher"]["decode_ms_per_token"], key=int)
+
+
+def headline():
+    """The recommended settings side by side: quality against the softmax model given the same updates, and
+    decode cost against the teacher's."""
+    lm, mt = _load("wikitext2.json"), _load("multi30k.json")
+    bar, bleu_bar, prefix = lm["teacher_continued"]["test_ppl"], mt["teacher_continued"]["bleu"], _longest_prefix(lm)
+    teacher_ms = lm["teacher"]["decode_ms_per_token"][prefix]
+    lines = [f"| setting | options | WikiText-2 test ppl | vs the bar | test ppl, whole split as one stream | "
+             f"ms/token after {prefix} tokens | Multi30k BLEU | vs the bar |", "|---|---|---|---|---|---|---|---|"]
+    for setting, options, lm_row, decode_row, mt_row in HEADLINE:
+        cells = ["-"] * 6
+        if lm_row:
+            r = lm[lm_row]
+            cells[:3] = [f"{r['test_ppl']:.2f}", _pct(r["test_ppl"], bar), _carried(r)]
+        if decode_row:
+            ms = lm[decode_row]["decode_ms_per_token"][prefix]
+            cells[3] = f"{ms:.2f} ({ms / teacher_ms:.2f}x)"
+        if mt_row:
+            cells[4:] = [f"{mt[mt_row]['bleu']:.2f}", f"{mt[mt_row]['bleu'] - bleu_bar:+.2f}"]
+        lines.append(f"| {setting} | {options} | " + " | ".join(cells) + " |")
+    window = re.search(r"--context-window (\d+)", lm["setup"]["eval"]).group(1)
+    lines += ["", f"WikiText-2: a small `transformer_lm` teacher ({lm['teacher']['updates']} updates), every other "
+              f"row {lm['teacher_continued']['updates']} more updates from it; perplexity per BPE token with a "
+              f"{window}-token context window, and with the state carried over the whole test split where every "
+              "layer is recurrent. Decode cost: batch 1, one thread, CPU; softmax's is the teacher's (the same "
+              f"model). Multi30k: a small transformer, {mt['teacher_continued']['updates']} updates from a "
+              f"{mt['teacher']['updates']}-update teacher, beam 5, sacreBLEU. Every row, and the rest: "
+              "[results/README.md](results/README.md)."]
+    return "\n".join(lines) + "\n"
+
+
+def figure_data():
+    """What the figure plots: per WikiText-2 row with a decode cost, (label, ms/token after the longest prefix,
+    test ppl); and the bar, the softmax model trained on for the same updates."""
+    lm = _load("wikitext2.json")
+    prefix = _longest_prefix(lm)
+    points = [[label.replace("T2R + pretrain, ", ""), lm[name]["decode_ms_per_token"][prefix], lm[name]["test_ppl"]]
+              for name, label, _ in WIKITEXT2_ROWS if "decode_ms_per_token" in lm.get(name, {})]
+    return {"prefix": prefix, "points": points, "bar": lm["teacher_continued"]["test_ppl"]}
+
+
+def figure_is_current(path=FIGURE):
+    """Whether the PNG at path plots what the results files hold (read from its metadata, not its pixels)."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False
+    with Image.open(path) as image:
+        return json.loads(image.text.get("t2r-data", "null")) == figure_data()
+
+
+def draw_figure(path=FIGURE):
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    data = figure_data()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    # A legend, not labels beside the points: rows of nearly equal cost and quality overlap.
+    shapes = itertools.cycle("osD^vP")
+    for label, ms, ppl in data["points"]:
+        teacher = label == "teacher (softmax)"
+        ax.plot(ms, ppl, "*" if teacher else next(shapes), markersize=14 if teacher else 8, linestyle="none",
+                label=label)
+    ax.axhline(data["bar"], color="gray", linestyle="--", label="teacher trained on for the same updates (the bar)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_xlabel(f"decode ms/token after {data['prefix']} tokens (batch 1, one CPU thread)")
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title("WikiText-2: quality against decode cost")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"t2r-data": json.dumps(data)})
+    plt.close(fig)
+
+
+GENERATORS = {"headline": headline, "demo-console": demo_console, "demo-tables": demo_tables,
+              "bench-decode": bench_decode, "generation-memory": generation_memory, "multi30k": multi30k,
+              "wikitext2": wikitext2}
 
 
 def render(text: str) -> str:
     def block(match):
         name = match.group("name")
         if name not in GENERATORS:
-            raise SystemExit(f"error: README block {name!r} has no generator; known: {', '.join(GENERATORS)}")
+            raise SystemExit(f"error: generated block {name!r} has no generator; known: {', '.join(GENERATORS)}")
         return match.group(1) + GENERATORS[name]() + match.group(4)
 
     return BLOCK.sub(block, text)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m tools.readme", description=__doc__.split("\n\n")[0])
-    p.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
+    p = argparse.ArgumentParser(prog="python -m docs.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("pages", nargs="*", type=pathlib.Path, default=PAGES, help="pages to fill (default: all)")
     p.add_argument("--results", type=pathlib.Path, default=RESULTS, help="results directory")
-    p.add_argument("--check", action="store_true", help="only check; exit 1 when the README is stale")
+    p.add_argument("--check", action="store_true", help="only check; exit 1 when a page or the figure is stale")
     args = p.parse_args(argv)
     use_results(args.results)
-    old = args.readme.read_text()
-    new = render(old)
+    pages = {page: render(page.read_text()) for page in args.pages}
+    stale = [page for page, text in pages.items() if page.read_text() != text]
+    figure_stale = not figure_is_current()
     if args.check:
-        if new != old:
-            print(f"{args.readme} is stale: run `python -m tools.readme`", file=sys.stderr)
-            return 1
-        return 0
-    args.readme.write_text(new)
+        for path in stale + [FIGURE] * figure_stale:
+            print(f"{path} is stale: run `python -m docs.generate`", file=sys.stderr)
+        return 1 if stale or figure_stale else 0
+    for page in stale:
+        page.write_text(pages[page])
+    if figure_stale:
+        draw_figure()
     return 0
 
 

@@ -1,0 +1,1 @@
+"""The documentation beyond the README, and its generator: `python -m docs.generate --check`."""

@@ -1,0 +1,1 @@
+"""The language-model recipes: `python -m examples.language_model.wikitext2`, `...decode_speed`."""

@@ -1,0 +1,1 @@
+"""The translation recipe: `python -m examples.translation.multi30k`."""
