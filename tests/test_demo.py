@@ -122,3 +122,11 @@ def test_printed_decode_rows_look_like_the_readme_transcript(tiny_demo):
     printed = [line for line in stdout.splitlines() if line.strip().startswith("length ")]
     assert shapes and printed
     assert {_shape(line) for line in printed} <= shapes, (printed[:2], sorted(shapes)[:2])
+
+
+def test_readme_names_every_demo_flag():
+    """The demo's sizes are flags; the README lists them (they were only in --help)."""
+    proc = demo("--help")
+    flags = set(re.findall(r"^\s+(--[a-z-]+)", proc.stdout, flags=re.M)) - {"--help"}
+    readme = (ROOT / "README.md").read_text()
+    assert flags and not {f for f in flags if f"`{f}`" not in readme and f"{f} " not in readme}, flags
