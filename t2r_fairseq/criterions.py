@@ -19,6 +19,8 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.adaptive_loss import AdaptiveLoss
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks.translation import TranslationTask
 
 from .attention import T2RCrossAttention, T2RSelfAttention
 from .errors import T2RUsageError
@@ -27,6 +29,7 @@ from .transfer import is_new_tensor
 
 # The student's attention modules that learn from the teacher's, by the decoder layer's attribute.
 TRANSFERRED = {"self_attn": T2RSelfAttention, "encoder_attn": T2RCrossAttention}
+TRANSFER_MODULES = ("all", "cross")
 # What a teacher's attention module is called with that its T2R counterpart is given in turn.
 ATTENTION_INPUTS = ("query", "key", "value", "key_padding_mask")
 
@@ -35,6 +38,9 @@ ATTENTION_INPUTS = ("query", "key", "value", "key_padding_mask")
 class AttentionTransferConfig(CrossEntropyCriterionConfig):
     attention_transfer_weight: float = field(
         default=1.0, metadata={"help": "weight of the attention-transfer (relative squared error) term"})
+    attention_transfer_modules: ChoiceEnum(TRANSFER_MODULES) = field(
+        default="all", metadata={"help": "which T2R attention learns from the teacher's: all (decoder self- and "
+                                         "cross-attention) or cross (translation: cross-attention alone)"})
     attention_transfer_only_updates: int = field(
         default=0, metadata={"help": "first N updates train only the new tensors (feature maps, decay gates, "
                                       "window balances), on the transfer term alone"})
@@ -63,8 +69,12 @@ def _check_values(weight, only_updates, kl_weight, eps):
 @register_criterion("t2r_attention_transfer", dataclass=AttentionTransferConfig)
 class AttentionTransferCriterion(CrossEntropyCriterion):
     def __init__(self, task, sentence_avg, attention_transfer_weight=1.0, attention_transfer_only_updates=0,
-                 distill_kl_weight=0.0, label_smoothing=0.0):
+                 distill_kl_weight=0.0, label_smoothing=0.0, attention_transfer_modules="all"):
         super().__init__(task, sentence_avg)
+        if str(attention_transfer_modules) == "cross" and not isinstance(task, TranslationTask):
+            raise T2RUsageError("--attention-transfer-modules cross transfers cross-attention, which a language "
+                                "model does not have: drop it")
+        self.roles = ("encoder_attn",) if str(attention_transfer_modules) == "cross" else tuple(TRANSFERRED)
         _check_values(attention_transfer_weight, attention_transfer_only_updates, distill_kl_weight,
                       label_smoothing)
         self.weight = attention_transfer_weight
@@ -118,8 +128,9 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         for index, layer in enumerate(model.decoder.layers):
             # The decoder's padding: the keys of self-attention, the queries of both roles.
             padding = self._captured[("self_attn", index)][0]["key_padding_mask"]
-            for role, kind in TRANSFERRED.items():
+            for role in self.roles:
                 attn = getattr(_unwrap(layer), role, None)
+                kind = TRANSFERRED[role]
                 if not isinstance(attn, kind):
                     continue  # a layer kept softmax (or no cross-attention) has nothing to learn here
                 inputs, target = self._captured[(role, index)]

@@ -111,6 +111,26 @@ def test_cross_attention_alone_is_transferred_when_self_attention_stays_softmax(
                                      for p in ("weight", "bias")}
 
 
+def test_cross_attention_only_transfer_moves_only_cross_attention_feature_maps(mt):
+    """--attention-transfer-modules cross: the transfer term reads cross-attention alone, so in the
+    transfer-only updates self-attention's feature maps get no gradient and stay put."""
+    _, model, criterion, sample = _setup(mt, "--attention-transfer-modules", "cross",
+                                         "--attention-transfer-only-updates", 2)
+    model.train()
+    _, _, log = criterion(model, sample)
+    assert log["transfer_loss"] > 0
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    _train(model, criterion, sample, 2)
+    assert _moved(before, model) == {f"decoder.layers.{i}.encoder_attn.feature_map.{p}" for i in range(2)
+                                     for p in ("weight", "bias")}
+
+
+def test_cross_attention_only_transfer_on_a_language_model_is_one_line(lm):
+    with pytest.raises(ValueError, match="--attention-transfer-modules cross transfers cross-attention"):
+        _build(lm, "--task", "t2r_language_modeling", "--arch", "t2r_lm_wiki103", *TINY_WIKI103, "--convert-from",
+               lm / "teacher.pt", "--criterion", "t2r_attention_transfer", "--attention-transfer-modules", "cross")
+
+
 def test_softmax_cross_attention_is_not_transferred(mt):
     """--t2r-cross-attention softmax and every self-attention softmax: the student is the teacher,
     nothing is transferred, and the KL term is zero; a T2R student's is positive."""

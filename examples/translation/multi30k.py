@@ -9,7 +9,9 @@ with a softmax window in decoder self-attention (`t2r_window`), with attention t
 decoder self- and cross-attention first (`t2r_transfer`), both (`t2r_window_transfer`), the window
 with attention transfer and a KL term towards the teacher's next-token distribution from the first
 update (`t2r_window_distill`), and T2R self-attention with softmax cross-attention kept
-(`t2r_softmax_cross`); ELU+1 on request (`--rows elu_pretrain`). Each row: detokenized sacreBLEU on
+(`t2r_softmax_cross`); ELU+1 on request (`--rows elu_pretrain`); cross-attention with its own
+feature size or map, alone or with attention transfer from the first update (`--rows t2r_cross64,
+t2r_cross128,t2r_cross_hedgehog,t2r_cross_transfer,t2r_cross_only_transfer`). Each row: detokenized sacreBLEU on
 test_2016_flickr (beam 5) and fairseq-generate's own sentences/s (best of interleaved repeats).
 Results accumulate in results/multi30k.json after every row, so an interrupted run continues
 where it stopped (`--force ROW` reruns one).
@@ -113,6 +115,7 @@ def row_options(args, teacher_ckpt):
            "--arch", "t2r_transformer", "--t2r-feature-dim", args.feature_dim, "--convert-from", teacher_ckpt]
     softmax = ["--criterion", "label_smoothed_cross_entropy"]
     window = ["--t2r-window", args.window]
+    cross = ["--t2r-cross-feature-dim", args.cross_feature_dim]
     # Attention transfer (decoder self- and cross-attention) for the first updates, then everything
     # on the label-smoothed cross-entropy: the criterion replaces label_smoothed_cross_entropy.
     transfer = ["--criterion", "t2r_attention_transfer", "--attention-transfer-only-updates",
@@ -136,6 +139,16 @@ def row_options(args, teacher_ckpt):
         # Where the gap comes from: T2R self-attention with softmax cross-attention kept.
         "t2r_softmax_cross": t2r + ["--t2r-cross-attention", "softmax"] + softmax,
         "elu_pretrain": t2r + ["--t2r-feature-map", "elu"] + softmax,
+        # Cross-attention's own features (issue 24): its state is built once per sentence, so a larger
+        # k costs k x d per step and nothing per source token; Hedgehog's map can make alignments spiky.
+        "t2r_cross64": t2r + ["--t2r-cross-feature-dim", 64] + softmax,
+        "t2r_cross128": t2r + ["--t2r-cross-feature-dim", 128] + softmax,
+        "t2r_cross_hedgehog": t2r + ["--t2r-cross-feature-map", "hedgehog"] + softmax,
+        # The larger cross features with attention transfer from the first update (no transfer-only
+        # phase): of every T2R attention, or of cross-attention alone.
+        "t2r_cross_transfer": t2r + cross + ["--criterion", "t2r_attention_transfer"],
+        "t2r_cross_only_transfer": t2r + cross + ["--criterion", "t2r_attention_transfer",
+                                                  "--attention-transfer-modules", "cross"],
     }
 
 
@@ -165,6 +178,8 @@ def parse_args(argv):
     p.add_argument("--transfer-only-updates", type=int, default=200,
                    help="--attention-transfer-only-updates of the transfer rows")
     p.add_argument("--kl-weight", type=float, default=0.5, help="--distill-kl-weight of t2r_window_distill")
+    p.add_argument("--cross-feature-dim", type=int, default=128,
+                   help="--t2r-cross-feature-dim of the rows with transfer (t2r_cross_transfer, t2r_cross_only_transfer)")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
