@@ -67,7 +67,8 @@ class T2RDecoder(TransformerDecoder):
                        if safe_getattr(args, name, None) is not None]
         if no_encoder_attn and cross_flags:
             raise T2RUsageError(f"--{cross_flags[0].replace('_', '-')} sets the features of T2R cross-attention, which "
-                                f"a language model does not have: drop it (--t2r-feature-map/-dim set self-attention's)")
+                                f"a language model does not have: drop it (--t2r-feature-map/-dim set "
+                                f"self-attention's)")
         self._layers_built = 0
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
 

@@ -152,8 +152,8 @@ def test_the_hub_scores_and_samples_a_carried_state_checkpoint_without_carrying_
     save, _ = carried_run
     extra = "" if task is None else f", task={task!r}"
     code = ("import t2r_fairseq; from fairseq.models.transformer_lm import TransformerLanguageModel as LM\n"
-            f"lm = LM.from_pretrained({str(save)!r}, 'checkpoint_last.pt', data_name_or_path={str(lm_workdir / 'bin')!r}"
-            f"{extra}).eval()\n"
+            f"lm = LM.from_pretrained({str(save)!r}, 'checkpoint_last.pt', "
+            f"data_name_or_path={str(lm_workdir / 'bin')!r}{extra}).eval()\n"
             "first, again = (lm.score('the value of the')['positional_scores'] for _ in range(2))\n"
             "print('same', bool((first == again).all()), len(first))\n"
             "print('sample', lm.sample('the value of', beam=1, sampling=True, sampling_topk=5, max_len_b=5))\n")

@@ -179,7 +179,7 @@ def parse_args(argv):
                    help="--attention-transfer-only-updates of the transfer rows")
     p.add_argument("--kl-weight", type=float, default=0.5, help="--distill-kl-weight of t2r_window_distill")
     p.add_argument("--cross-feature-dim", type=int, default=128,
-                   help="--t2r-cross-feature-dim of the rows with transfer (t2r_cross_transfer, t2r_cross_only_transfer)")
+                   help="--t2r-cross-feature-dim of t2r_cross_transfer and t2r_cross_only_transfer")
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
