@@ -25,6 +25,7 @@ def main(argv=None):
     p.add_argument("--rows", default="teacher,hybrid_50,t2r_pretrain")
     p.add_argument("--lengths", default="256,1024,4096", help="prefix lengths")
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per model and length")
+    p.add_argument("--note", default="", help="recorded with the setup, e.g. where the timed checkpoints came from")
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     missing = [r for r in rows if not (args.work / r / "checkpoint_last.pt").is_file()]
@@ -56,7 +57,7 @@ def main(argv=None):
                                              for m in measured if m["model"] == r})
     store.update("setup", decode=("python -m examples.language_model.decode_speed: batch 1, CPU time per token of "
                                   "one thread after a prefix of L tokens (fairseq incremental decoding); 1-minute "
-                                  f"load average {load:.2f} at the start"))
+                                  f"load average {load:.2f} at the start" + (f"; {args.note}" if args.note else "")))
 
 
 if __name__ == "__main__":
