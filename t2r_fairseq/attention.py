@@ -163,8 +163,8 @@ class LinearForm:
 
 class WindowForm:
     """Sliding-window softmax + linear attention (window_attention.py), window W. Its state is
-    window_attention.WindowState: [S | z] under "state" (as the linear form's), the ring, the
-    position and, after padding, the ring's validity beside it."""
+    window_attention.WindowState: [S | z] under "state" (as the linear form's), the ring's keys,
+    values and features, the position and, after padding, the ring's validity beside it."""
     reads_raw_qk = True
 
     def __init__(self, window: int, chunk_size: int):
@@ -182,11 +182,13 @@ class WindowForm:
     def load(buffer: Dict[str, Optional[Tensor]]) -> Optional[WindowState]:
         if not buffer:
             return None
-        return WindowState(buffer["state"], buffer["ring"], buffer["position"], buffer.get("valid"))
+        return WindowState(buffer["state"], buffer["keys"], buffer["values"], buffer["features"], buffer["position"],
+                           buffer.get("valid"))
 
     @staticmethod
     def save(state: WindowState) -> Dict[str, Optional[Tensor]]:
-        buffer = {"state": state.packed, "ring": state.ring, "position": state.position}
+        buffer = {"state": state.packed, "keys": state.keys, "values": state.values, "features": state.features,
+                  "position": state.position}
         if state.valid is not None:
             buffer["valid"] = state.valid
         return buffer

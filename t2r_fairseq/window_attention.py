@@ -44,16 +44,21 @@ _MAX_LINEAR_SCALE_EXPONENT = 60.0
 
 class WindowState(NamedTuple):
     """packed: [S | z] of the keys older than the window, (batch, heads, features, dim + 1);
-    ring: (batch, heads, slots, head_dim + features + dim + 1 + 1), slots = min(position, W), each
-    [k / sqrt(head_dim) | phi(k) | v1 | age], age = the log-decay accumulated since the key was read
-    (0 without decay), position p in slot p mod W;
+    the ring, slots = min(position, W), position p in slot p mod W, as three tensors:
+    keys: k / sqrt(head_dim), (batch, heads, slots, head_dim); values: v1, (batch, heads, slots, dim + 1);
+    features: [phi(k) | age], (batch, heads, slots, features + 1), age = the log-decay accumulated
+    since the key was read (0 without decay). Three contiguous tensors, not one: the two products a
+    step makes with the keys and the values run at half the speed on views into a wider buffer (torch's
+    batched matmul on CPU then copies them);
     position: how many positions every row has read (decoding advances all rows together);
     valid: (batch, slots) bool, which slots hold one of the row's keys, None when all do. Only
     padding empties a slot: a row keeps its last W keys in the slots of the last positions, and the
     slots before them are empty (zero but for the age, never read).
     Tensors batch-first: beam search reorders each with one index_select(0)."""
     packed: Tensor
-    ring: Tensor
+    keys: Tensor
+    values: Tensor
+    features: Tensor
     position: int
     valid: Optional[Tensor] = None
 
@@ -62,35 +67,38 @@ def empty_window_state(phi_q: Tensor, v1: Tensor, q: Tensor) -> WindowState:
     batch, heads, _, head_dim = q.shape
     acc = accumulation_dtype(q)
     return WindowState(q.new_zeros(batch, heads, phi_q.size(-1), v1.size(-1), dtype=acc),
-                       q.new_zeros(batch, heads, 0, head_dim + phi_q.size(-1) + v1.size(-1) + 1, dtype=acc), 0)
+                       q.new_zeros(batch, heads, 0, head_dim, dtype=acc), q.new_zeros(batch, heads, 0, v1.size(-1), dtype=acc),
+                       q.new_zeros(batch, heads, 0, phi_q.size(-1) + 1, dtype=acc), 0)
 
 
 def _ring_entries(phi_k: Tensor, v1: Tensor, k: Tensor, acc: torch.dtype) -> Tensor:
-    """Ring rows for new keys (age 0): (b, h, t, head_dim + features + width + 1)."""
+    """Ring rows [k / sqrt(head_dim) | phi(k) | v1 | age] for new keys (age 0): (b, h, t, head_dim +
+    features + width + 1), the layout the parallel forms work on."""
     return torch.cat([k.to(acc) * k.size(-1) ** -0.5, phi_k.to(acc), v1.to(acc),
                       k.new_zeros(*k.shape[:-1], 1, dtype=acc)], dim=-1)
 
 
 def _split_ring(rows: Tensor, head_dim: int, feat: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """ring rows -> (k / sqrt(head_dim), phi(k), v1, age: (..., slots)), views that a step may write into"""
+    """ring rows -> (k / sqrt(head_dim), phi(k), v1, age: (..., slots))"""
     return rows[..., :head_dim], rows[..., head_dim:head_dim + feat], rows[..., head_dim + feat:-1], rows[..., -1]
 
 
 def _ring_in_time_order(state: WindowState, window: int) -> Tuple[Tensor, Tensor]:
-    """The ring as the W positions before state.position, oldest first, (b, h, W, columns), and
-    which hold keys, (b, W); positions before the first are empty."""
-    batch, heads, slots, cols = state.ring.shape
-    valid = state.ring.new_ones(batch, slots, dtype=torch.bool) if state.valid is None else state.valid
-    rows = state.ring
+    """The ring as rows of the W positions before state.position, oldest first, (b, h, W, columns),
+    and which hold keys, (b, W); positions before the first are empty."""
+    batch, heads, slots, _ = state.keys.shape
+    valid = state.keys.new_ones(batch, slots, dtype=torch.bool) if state.valid is None else state.valid
+    rows = torch.cat([state.keys, state.features[..., :-1], state.values, state.features[..., -1:]], dim=-1)
     if slots == window:  # the oldest position is in slot position mod W
         rows, valid = rows.roll(-(state.position % window), 2), valid.roll(-(state.position % window), 1)
     return (torch.nn.functional.pad(rows, (0, 0, window - slots, 0)),
             torch.nn.functional.pad(valid, (window - slots, 0), value=False))
 
 
-def _ring_in_slots(rows: Tensor, valid: Optional[Tensor], position: int, window: int) -> Tuple[Tensor, Optional[Tensor]]:
-    """The inverse: the W positions before `position` in time order -> the ring's slots (valid: None
-    if every slot kept holds a key)."""
+def _ring_in_slots(rows: Tensor, valid: Optional[Tensor], position: int, window: int, head_dim: int, feat: int
+                   ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """The inverse: rows of the W positions before `position` in time order -> the ring's slots,
+    (keys, values, features, valid) (valid: None if every slot kept holds a key)."""
     slots = min(position, window)
     rows, valid = rows[:, :, window - slots:], None if valid is None else valid[:, window - slots:]
     if valid is not None and bool(valid.all()):
@@ -98,7 +106,8 @@ def _ring_in_slots(rows: Tensor, valid: Optional[Tensor], position: int, window:
     if slots == window:
         rows = rows.roll(position % window, 2)
         valid = None if valid is None else valid.roll(position % window, 1)
-    return rows.contiguous(), valid  # its own tensor: decoding writes into it
+    keys, phi, values, age = _split_ring(rows, head_dim, feat)
+    return keys.contiguous(), values.contiguous(), torch.cat([phi, age.unsqueeze(-1)], dim=-1), valid
 
 
 def _combine(scores: Tensor, values: Tensor, linear: Tensor, log_balance: Tensor) -> Tensor:
@@ -220,13 +229,13 @@ def window_attention(phi_q: Tensor, phi_k: Tensor, v1: Tensor, q: Tensor, k: Ten
     _, packed = chunk_states((kept * entered).transpose(-1, -2) @ vc, state.packed, chunk_log_decay)
     packed = packed.clone(memory_format=torch.contiguous_format)  # not a view holding every chunk's state
     position = state.position + time
-    ring, ring_valid = _final_ring(rows, valid, None if log_g is None else a, chunk + time, position, window,
-                                   compact=padding is not None or state.valid is not None)
-    return out, WindowState(packed, ring, position, ring_valid)
+    ring = _final_ring(rows, valid, None if log_g is None else a, chunk + time, position, window, head_dim, feat,
+                       compact=padding is not None or state.valid is not None)
+    return out, WindowState(packed, *ring[:3], position, ring[3])
 
 
 def _final_ring(rows: Tensor, valid: Tensor, a: Optional[Tensor], end: int, position: int, window: int,
-                compact: bool) -> Tuple[Tensor, Optional[Tensor]]:
+                head_dim: int, feat: int, compact: bool) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """The ring after reading `rows` (b, h, L, columns; `valid` (b, L); the last position read at
     end - 1): each row's last W non-padded keys, in the slots of the last W positions, their ages
     increased by the log-gates `a` after them. Without padding (compact False) those are simply the
@@ -237,13 +246,13 @@ def _final_ring(rows: Tensor, valid: Tensor, a: Optional[Tensor], end: int, posi
         after = torch.nn.functional.pad(a.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))
         rows = torch.cat([rows[..., :-1], (rows[..., -1] + after).unsqueeze(-1)], dim=-1)
     if not compact:
-        return _ring_in_slots(rows[:, :, end - window:end], None, position, window)
+        return _ring_in_slots(rows[:, :, end - window:end], None, position, window, head_dim, feat)
     seen = valid.long().cumsum(-1)  # non-decreasing: searchsorted finds the position of each key
     wanted = seen[:, -1:] - window + 1 + torch.arange(window, device=rows.device)  # key numbers, oldest first
     index = torch.searchsorted(seen, wanted.clamp_min(1)).clamp(max=length - 1)
     kept = wanted >= 1  # a row with fewer than W keys leaves its oldest slots empty
     ordered = rows.gather(2, index[:, None, :, None].expand(batch, heads, window, cols)) * kept[:, None, :, None]
-    return _ring_in_slots(ordered, kept, position, window)
+    return _ring_in_slots(ordered, kept, position, window, head_dim, feat)
 
 
 def window_attention_step(phi_q: Tensor, phi_k: Tensor, v1: Tensor, q: Tensor, k: Tensor,
@@ -262,43 +271,42 @@ def window_attention_step(phi_q: Tensor, phi_k: Tensor, v1: Tensor, q: Tensor, k
     if padding is not None:
         return window_attention(phi_q, phi_k, v1, q, k, window=window, log_balance=log_balance,
                                 initial_state=state, log_g=log_g, padding=padding)
-    head_dim, feat = q.size(-1), phi_q.size(-1)
-    packed, ring, position, valid = empty_window_state(phi_q, v1, q) if state is None else state
+    packed, keys, values, features, position, valid = empty_window_state(phi_q, v1, q) if state is None else state
     acc = packed.dtype
+    k, phi_k, v1_new = k.to(acc) * k.size(-1) ** -0.5, phi_k.to(acc), v1.to(acc)
     gate = None if log_g is None else log_g.to(acc).expand(q.size(0), q.size(1), 1)  # (b, h, 1)
     if not inplace:
         packed = packed.clone()
     if gate is not None:
         packed.mul_(gate.exp().unsqueeze(-1))
-    if ring.size(2) < window:  # the ring grows, as a key/value cache would, and nothing leaves it
+    if keys.size(2) < window:  # the ring grows, as a key/value cache would, and nothing leaves it
         if gate is not None:
-            ring = torch.cat([ring[..., :-1], ring[..., -1:] + gate.unsqueeze(-1)], dim=-1)
-        ring = torch.cat([ring, _ring_entries(phi_k, v1, k, acc)], dim=2)
+            features = torch.cat([features[..., :-1], features[..., -1:] + gate.unsqueeze(-1)], dim=-1)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v1_new], dim=2)
+        features = torch.cat([features, torch.nn.functional.pad(phi_k, (0, 1))], dim=2)
         valid = None if valid is None else torch.cat([valid, valid.new_ones(valid.size(0), 1)], dim=1)
     else:
         slot = position % window
-        _, leaving_phi, leaving_v1, leaving_age = _split_ring(ring[:, :, slot], head_dim, feat)
+        leaving_phi, leaving_v1 = features[:, :, slot, :-1], values[:, :, slot]
         if gate is not None:  # the leaving key has aged by this step's gate too
-            leaving_phi = leaving_phi * (leaving_age + gate[..., 0]).exp().unsqueeze(-1)
+            leaving_phi = leaving_phi * (features[:, :, slot, -1] + gate[..., 0]).exp().unsqueeze(-1)
         packed.addcmul_(leaving_phi.unsqueeze(-1), leaving_v1.unsqueeze(-2))  # an empty slot holds zeros
         if not inplace:
-            ring, valid = ring.clone(), None if valid is None else valid.clone()
+            keys, values, features = keys.clone(), values.clone(), features.clone()
+            valid = None if valid is None else valid.clone()
         if gate is not None:
-            ring[..., -1].add_(gate)
-        new_k, new_phi, new_v1, new_age = _split_ring(ring[:, :, slot], head_dim, feat)
-        new_k.copy_(k[:, :, 0]).mul_(head_dim ** -0.5)
-        new_phi.copy_(phi_k[:, :, 0])
-        new_v1.copy_(v1[:, :, 0])
-        if gate is not None:
-            new_age.zero_()
+            features[..., -1].add_(gate)
+            features[:, :, slot, -1] = 0.0
+        keys[:, :, slot] = k[:, :, 0]
+        values[:, :, slot] = v1_new[:, :, 0]
+        features[:, :, slot, :-1] = phi_k[:, :, 0]
         if valid is not None:
             valid[:, slot] = True
-    keys, _, values, _ = _split_ring(ring, head_dim, feat)
     scores = q.to(acc) @ keys.transpose(-1, -2)  # (b, h, 1, slots)
     if valid is not None:
         scores = scores.masked_fill(~valid[:, None, None, :], -torch.inf)
     out = _combine(scores, values, phi_q.to(acc) @ packed, _head_column(log_balance, acc, 4))
-    return out.to(v1.dtype), WindowState(packed, ring, position + 1, valid)
+    return out.to(v1.dtype), WindowState(packed, keys, values, features, position + 1, valid)
 
 
 def recurrent_window_attention(phi_q: Tensor, phi_k: Tensor, v1: Tensor, q: Tensor, k: Tensor, *, window: int,
@@ -365,5 +373,5 @@ def naive_window_attention(phi_q: Tensor, phi_k: Tensor, v1: Tensor, q: Tensor, 
         last = valid[row].nonzero()[-window:, 0]
         ordered[row, :, window - len(last):] = rows[row, :, last]
         kept[row, window - len(last):] = True
-    ring, ring_valid = _ring_in_slots(ordered, kept, state.position + time, window)
-    return out.to(v1.dtype), WindowState(packed, ring, state.position + time, ring_valid)
+    keys, values, features, kept = _ring_in_slots(ordered, kept, state.position + time, window, head_dim, feat)
+    return out.to(v1.dtype), WindowState(packed, keys, values, features, state.position + time, kept)

@@ -53,14 +53,15 @@ def _prefix_state(kind, window, decay, heads=2):
 
 def _valid(state):
     """Which slots hold keys (None: all of them)."""
-    return torch.ones(state.ring.shape[0], state.ring.shape[2], dtype=torch.bool) if state.valid is None else state.valid
+    return torch.ones(state.keys.shape[:1] + state.keys.shape[2:3], dtype=torch.bool) if state.valid is None else state.valid
 
 
 def _assert_states_equal(got, want, tol=1e-10):
     torch.testing.assert_close(got.packed, want.packed, rtol=tol, atol=tol)
     assert got.position == want.position and torch.equal(_valid(got), _valid(want))
     filled = _valid(got)[:, None, :, None]  # an empty slot's age is never read
-    torch.testing.assert_close(got.ring * filled, want.ring * filled, rtol=tol, atol=tol)
+    for a, b in [(got.keys, want.keys), (got.values, want.values), (got.features, want.features)]:
+        torch.testing.assert_close(a * filled, b * filled, rtol=tol, atol=tol)
 
 
 def _assert_same_keys(got, want, window, tol=1e-10):
@@ -124,7 +125,7 @@ def test_gradients_agree(time, window):
     for fn, extra in [(wa.naive_window_attention, {})] + FORMS:
         out, final = fn(*inputs, window=window, log_balance=balance, log_g=log_g, initial_state=state, **extra)
         loss = ((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
-                + final.packed.sum() + final.ring.sum())
+                + sum(t.sum() for t in final[:4]))
         grads.append(list(torch.autograd.grad(loss, (*inputs, log_g, balance))))
         grads[-1][2] = grads[-1][2][..., :-1]  # v1's column of ones is ones by contract: only the naive ignores it
     assert all(g.abs().sum() > 0 for g in grads[0])  # every input, the gates and the balance learn
@@ -178,13 +179,13 @@ def test_padded_step_changes_nothing_in_the_padded_row():
     step = [t[:, :, 29:] for t in inputs]
     out, new = wa.window_attention_step(*step, state, log_g=log_g[:, :, 29:],
                                         padding=torch.tensor([[False], [True]]), **kwargs)
-    row = [wa.WindowState(t.packed[1:], t.ring[1:], t.position, None if t.valid is None else t.valid[1:])
+    row = [wa.WindowState(*(x[1:] for x in t[:4]), t.position, None if t.valid is None else t.valid[1:])
            for t in (new, state)]
     _assert_same_keys(*row, 8, tol=0)  # the same keys, now in the slots of the positions before the new one
     ref, ref_state = wa.naive_window_attention(*(t[:1] for t in step), initial_state=wa.WindowState(
-        state.packed[:1], state.ring[:1], state.position), log_g=log_g[:1, :, 29:], **kwargs)
+        *(x[:1] for x in state[:4]), state.position), log_g=log_g[:1, :, 29:], **kwargs)
     torch.testing.assert_close(out[:1], ref, rtol=1e-12, atol=1e-12)
-    _assert_states_equal(wa.WindowState(new.packed[:1], new.ring[:1], new.position), ref_state, tol=1e-12)
+    _assert_states_equal(wa.WindowState(*(x[:1] for x in new[:4]), new.position), ref_state, tol=1e-12)
 
 
 @pytest.mark.parametrize("time", [3, 30])
@@ -195,14 +196,15 @@ def test_step_writes_one_slot_like_a_cache(time, inplace):
     inputs = _window_inputs(2, 2, time + 1)
     kwargs = dict(window=8, log_balance=_balance(2))
     _, state = wa.window_attention(*(t[:, :, :time] for t in inputs), **kwargs)
-    before = wa.WindowState(state.packed.clone(), state.ring.clone(), state.position)
+    before = wa.WindowState(*(t.clone() for t in state[:4]), state.position)
     out, new = wa.window_attention_step(*(t[:, :, time:] for t in inputs), state, inplace=inplace, **kwargs)
-    assert new.position == time + 1 and new.ring.size(2) == min(time + 1, 8)
+    assert new.position == time + 1 and new.keys.size(2) == min(time + 1, 8)
     full = time >= 8
-    assert (new.packed is state.packed) == inplace and (new.ring is state.ring) == (inplace and full)
+    assert (new.packed is state.packed) == inplace
+    assert all((a is b) == (inplace and full) for a, b in zip(new[1:4], state[1:4]))
     if full:  # every slot but position mod W is as it was
         untouched = torch.arange(8) != time % 8
-        assert torch.equal(new.ring[:, :, untouched], before.ring[:, :, untouched])
+        assert all(torch.equal(a[:, :, untouched], b[:, :, untouched]) for a, b in zip(new[1:4], before[1:4]))
     ref, ref_state = wa.naive_window_attention(*(t[:, :, time:] for t in inputs), initial_state=before, **kwargs)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     _assert_states_equal(new, ref_state, tol=1e-12)
@@ -413,7 +415,7 @@ def test_decoder_state_grows_like_a_cache_to_the_window_then_stays():
             _log_probs(model, tokens[:, :t + 1], incremental_state=state)
             sizes.append(sum(v.numel() for key, buf in state.items() if key.endswith("t2r_state")
                              for v in buf.values() if torch.is_tensor(v)))
-    slot = 4 * (8 + 8 + 8 + 1 + 1)  # heads x [k | phi(k) | v1 | age]
+    slot = 4 * (8 + 9 + 8 + 1)  # heads x (k, v1, [phi(k) | age])
     assert sizes == [2 * (4 * 8 * 9 + min(t + 1, 8) * slot) for t in range(30)]  # layers x ([S | z] + ring)
 
 
