@@ -266,8 +266,8 @@ class T2RSelfAttention(_LinearAttention):
         q, k, v1, gate_logits = qkv.split([width, width, qkv.size(-1) - 2 * width - gate_width, gate_width], dim=-1)
         q, k, v1 = self._heads(q), self._heads(k), self._heads(v1)
         raw_q, raw_k = (q, k) if self.form.reads_raw_qk else (None, None)  # never folded then
-        if not self.folded:
-            q, k = self.feature_map(q), self.feature_map(k)
+        if not self.folded:  # one call: the map treats every row alike
+            q, k = self.feature_map(torch.cat([q, k])).chunk(2)
         log_g = self.decay.log_gates(gate_logits) if gate_width else weights.get("log_g")
         if log_g is not None and key_padding_mask is not None:
             log_g = log_g.masked_fill(key_padding_mask.bool()[:, None, :], 0.0)  # gate 1: a pad decays nothing

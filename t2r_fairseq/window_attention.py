@@ -30,6 +30,7 @@ formed: every softmax exponent is <= 0, the linear part is scaled to at most the
 >= 1, and nothing overflows however long the input or large the scores. Decay stays in log space, as
 in linear_attention.py; the state and ring are kept in at least float32.
 """
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -39,7 +40,7 @@ from .linear_attention import DEFAULT_CHUNK_SIZE, accumulation_dtype, chunk_stat
 
 # The shift is never below log(beta) - 60: exp(log(beta) - M) <= e^60 then stays finite in float32
 # even where both parts are vanishingly small (their ratio, the output, does not depend on M).
-_MAX_LINEAR_SCALE_EXPONENT = 60.0
+_MIN_LINEAR_DENOMINATOR = math.exp(-60.0)
 
 
 class WindowState(NamedTuple):
@@ -112,15 +113,15 @@ def _ring_in_slots(rows: Tensor, valid: Optional[Tensor], position: int, window:
 
 def _combine(scores: Tensor, values: Tensor, linear: Tensor, log_balance: Tensor) -> Tensor:
     """One normalisation over both parts. scores: (..., queries, keys) q.k / sqrt(d), -inf outside
-    the window; values: (..., keys, dim + 1) = v1 of those keys; linear: (..., queries, dim + 1), the
-    unweighted linear [numerator | denominator] of the older keys; log_balance broadcasting to
-    (..., queries, 1). Returns (..., queries, dim)."""
+    the window (a new tensor: it is overwritten); values: (..., keys, dim + 1) = v1 of those keys;
+    linear: (..., queries, dim + 1), the unweighted linear [numerator | denominator] of the older keys;
+    log_balance broadcasting to (..., queries, 1). Returns (..., queries, dim)."""
     linear_den = linear[..., -1:].abs()  # |den|: sign-indefinite maps
-    # The output does not depend on the shift: no gradient through it.
-    shift = torch.maximum(scores.detach().amax(-1, keepdim=True),
-                          log_balance + linear_den.detach().log().clamp_min(-_MAX_LINEAR_SCALE_EXPONENT))
-    both = (scores - shift).exp() @ values
-    weight = (log_balance - shift).exp()
+    with torch.no_grad():  # the output does not depend on the shift
+        shift = torch.maximum(scores.amax(-1, keepdim=True),
+                              linear_den.clamp_min(_MIN_LINEAR_DENOMINATOR).log_().add_(log_balance))
+    both = (scores - shift).exp_() @ values
+    weight = (log_balance - shift).exp_()
     numerator = torch.addcmul(both[..., :-1], weight, linear[..., :-1])
     return numerator / torch.addcmul(both[..., -1:], weight, linear_den).clamp_min(torch.finfo(both.dtype).tiny)
 
