@@ -38,9 +38,7 @@ from torch import Tensor
 
 from .linear_attention import DEFAULT_CHUNK_SIZE, accumulation_dtype, chunk_states
 
-# The shift is never below log(beta) - 60: exp(log(beta) - M) <= e^60 then stays finite in float32
-# even where both parts are vanishingly small (their ratio, the output, does not depend on M).
-_MIN_LINEAR_DENOMINATOR = math.exp(-60.0)
+_MIN_LINEAR_DENOMINATOR = math.exp(-60.0)  # see _combine
 
 
 class WindowState(NamedTuple):
@@ -112,18 +110,18 @@ def _ring_in_slots(rows: Tensor, valid: Optional[Tensor], position: int, window:
 
 
 def _combine(scores: Tensor, values: Tensor, linear: Tensor, log_balance: Tensor) -> Tensor:
-    """One normalisation over both parts. scores: (..., queries, keys) q.k / sqrt(d), -inf outside
-    the window (a new tensor: it is overwritten); values: (..., keys, dim + 1) = v1 of those keys;
-    linear: (..., queries, dim + 1), the unweighted linear [numerator | denominator] of the older keys;
-    log_balance broadcasting to (..., queries, 1). Returns (..., queries, dim)."""
-    linear_den = linear[..., -1:].abs()  # |den|: sign-indefinite maps
-    with torch.no_grad():  # the output does not depend on the shift
-        shift = torch.maximum(scores.amax(-1, keepdim=True),
-                              linear_den.clamp_min(_MIN_LINEAR_DENOMINATOR).log_().add_(log_balance))
-    both = (scores - shift).exp_() @ values
-    weight = (log_balance - shift).exp_()
-    numerator = torch.addcmul(both[..., :-1], weight, linear[..., :-1])
-    return numerator / torch.addcmul(both[..., -1:], weight, linear_den).clamp_min(torch.finfo(both.dtype).tiny)
+    """One normalisation over both parts, the linear part as one more softmax entry: its score
+    log(beta |den|) and its value num / |den|, where [num | den] = `linear`, the unweighted linear
+    numerator and denominator of the older keys. scores: (..., queries, keys) q.k / sqrt(d), -inf
+    outside the window; values: (..., keys, dim + 1) = v1 of those keys; linear: (..., queries,
+    dim + 1); log_balance broadcasting to (..., queries, 1). Returns (..., queries, dim).
+
+    |den| (sign-indefinite maps) is taken at least e^-60: beta e^-60 then stays the linear entry's
+    weight where relu features are all zero (its value is then 0), and no score can overflow."""
+    linear_den = linear[..., -1:].abs().clamp_min(_MIN_LINEAR_DENOMINATOR)
+    weights = torch.cat([scores, linear_den.log() + log_balance], dim=-1).softmax(-1)
+    window = weights[..., :-1] @ values
+    return torch.addcmul(window[..., :-1], weights[..., -1:], linear[..., :-1] / linear_den)
 
 
 def _log_gates(log_g: Optional[Tensor], batch: int, heads: int, time: int, valid: Tensor, acc) -> Tensor:
@@ -274,7 +272,7 @@ def window_attention_step(phi_q: Tensor, phi_k: Tensor, v1: Tensor, q: Tensor, k
                                 initial_state=state, log_g=log_g, padding=padding)
     packed, keys, values, features, position, valid = empty_window_state(phi_q, v1, q) if state is None else state
     acc = packed.dtype
-    k, phi_k, v1_new = k.to(acc) * k.size(-1) ** -0.5, phi_k.to(acc), v1.to(acc)
+    k = k * k.size(-1) ** -0.5
     gate = None if log_g is None else log_g.to(acc).expand(q.size(0), q.size(1), 1)  # (b, h, 1)
     if not inplace:
         packed = packed.clone()
@@ -283,24 +281,24 @@ def window_attention_step(phi_q: Tensor, phi_k: Tensor, v1: Tensor, q: Tensor, k
     if keys.size(2) < window:  # the ring grows, as a key/value cache would, and nothing leaves it
         if gate is not None:
             features = torch.cat([features[..., :-1], features[..., -1:] + gate.unsqueeze(-1)], dim=-1)
-        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v1_new], dim=2)
-        features = torch.cat([features, torch.nn.functional.pad(phi_k, (0, 1))], dim=2)
+        keys, values = torch.cat([keys, k.to(acc)], dim=2), torch.cat([values, v1.to(acc)], dim=2)
+        features = torch.cat([features, torch.nn.functional.pad(phi_k.to(acc), (0, 1))], dim=2)
         valid = None if valid is None else torch.cat([valid, valid.new_ones(valid.size(0), 1)], dim=1)
     else:
-        slot = position % window
-        leaving_phi, leaving_v1 = features[:, :, slot, :-1], values[:, :, slot]
+        slot = slice(position % window, position % window + 1)
+        leaving_phi = features[:, :, slot, :-1]  # (b, h, 1, features)
         if gate is not None:  # the leaving key has aged by this step's gate too
-            leaving_phi = leaving_phi * (features[:, :, slot, -1] + gate[..., 0]).exp().unsqueeze(-1)
-        packed.addcmul_(leaving_phi.unsqueeze(-1), leaving_v1.unsqueeze(-2))  # an empty slot holds zeros
+            leaving_phi = leaving_phi * (features[:, :, slot, -1:] + gate.unsqueeze(-1)).exp()
+        packed.addcmul_(leaving_phi.transpose(-1, -2), values[:, :, slot])  # an empty slot holds zeros
         if not inplace:
             keys, values, features = keys.clone(), values.clone(), features.clone()
             valid = None if valid is None else valid.clone()
         if gate is not None:
             features[..., -1].add_(gate)
             features[:, :, slot, -1] = 0.0
-        keys[:, :, slot] = k[:, :, 0]
-        values[:, :, slot] = v1_new[:, :, 0]
-        features[:, :, slot, :-1] = phi_k[:, :, 0]
+        keys[:, :, slot] = k  # copies convert to the ring's dtype
+        values[:, :, slot] = v1
+        features[:, :, slot, :-1] = phi_k
         if valid is not None:
             valid[:, slot] = True
     scores = q.to(acc) @ keys.transpose(-1, -2)  # (b, h, 1, slots)
