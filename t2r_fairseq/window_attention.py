@@ -24,11 +24,11 @@ key/value cache: position p in slot p mod W, one position counter for every row,
 holds W slots. A key leaves the ring exactly when it enters [S | z], its phi(k) stored so that it
 enters without being mapped again.
 
-Numerics: with m_i the window's largest score, numerator and denominator are both divided by
-exp(M_i), M_i = max(m_i, log(beta |phi(q_i).z_i|)) (z_i: the linear normalizer), exp(M_i) itself never
-formed: every softmax exponent is <= 0, the linear part is scaled to at most the denominator, which is
->= 1, and nothing overflows however long the input or large the scores. Decay stays in log space, as
-in linear_attention.py; the state and ring are kept in at least float32.
+Numerics: the linear part enters the softmax over the window's scores as one more entry, its score
+log(beta |phi(q_i).z_i|) (z_i: the linear normalizer, taken at least e^-60) and its value the linear
+output; the softmax divides numerator and denominator by exp of the largest entry, never formed:
+every exponent is <= 0, and nothing overflows however long the input or large the scores. Decay
+stays in log space, as in linear_attention.py; the state and ring are kept in at least float32.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -65,9 +65,9 @@ class WindowState(NamedTuple):
 def empty_window_state(phi_q: Tensor, v1: Tensor, q: Tensor) -> WindowState:
     batch, heads, _, head_dim = q.shape
     acc = accumulation_dtype(q)
-    return WindowState(q.new_zeros(batch, heads, phi_q.size(-1), v1.size(-1), dtype=acc),
-                       q.new_zeros(batch, heads, 0, head_dim, dtype=acc), q.new_zeros(batch, heads, 0, v1.size(-1), dtype=acc),
-                       q.new_zeros(batch, heads, 0, phi_q.size(-1) + 1, dtype=acc), 0)
+    feat, width = phi_q.size(-1), v1.size(-1)
+    return WindowState(q.new_zeros(batch, heads, feat, width, dtype=acc),
+                       *(q.new_zeros(batch, heads, 0, cols, dtype=acc) for cols in (head_dim, width, feat + 1)), 0)
 
 
 def _ring_entries(phi_k: Tensor, v1: Tensor, k: Tensor, acc: torch.dtype) -> Tensor:

@@ -6,7 +6,8 @@ with and without decay and an initial state; with W >= length it is causal softm
 enters no window, ring or state; 16k tokens stay finite and exact in float32 and bfloat16. The module
 and whole decoders: the textbook form, the softmax teacher when the window covers the input, decoding
 token by token (and after a prefill) equals the full forward for every feature map, hybrids and decay,
-the ring grows like a key/value cache to W slots, then stays, beam reordering equals the permuted batch, padding changes nothing.
+the ring grows like a key/value cache to W slots, then stays, beam reordering equals the permuted
+batch, padding changes nothing.
 Options and conversion: the balances are named as new; bad values are one line."""
 import math
 import re
@@ -53,7 +54,9 @@ def _prefix_state(kind, window, decay, heads=2):
 
 def _valid(state):
     """Which slots hold keys (None: all of them)."""
-    return torch.ones(state.keys.shape[:1] + state.keys.shape[2:3], dtype=torch.bool) if state.valid is None else state.valid
+    if state.valid is None:
+        return torch.ones(state.keys.size(0), state.keys.size(2), dtype=torch.bool)
+    return state.valid
 
 
 def _assert_states_equal(got, want, tol=1e-10):
