@@ -340,6 +340,25 @@ def test_padding_never_enters_the_ring_or_the_state(decay):
         torch.testing.assert_close(_decode(attn, x[12:], 0, padded), out[12:], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("decay", ["none", "gated"])
+def test_ragged_prompts_then_decoding_equal_each_row_alone(decay):
+    """A batch of prompts of different lengths (left-padded), read at once, then decoded past the window
+    with one shared ring slot per step: each row continues as it does alone, without padding."""
+    attn = _attention(6, decay)
+    prompts, steps = _x(time=9, batch=2), _x(time=15, batch=2, seed=5)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, :7] = True  # row 1's prompt: 2 tokens
+    with torch.no_grad():
+        state = {}
+        attn(prompts, None, None, key_padding_mask=pad, incremental_state=state)
+        both = _decode(attn, steps, 0, state)
+        for row, start in ((0, 0), (1, 7)):
+            alone = {}
+            attn(prompts[start:, row:row + 1], None, None, incremental_state=alone)
+            torch.testing.assert_close(both[:, row:row + 1], _decode(attn, steps[:, row:row + 1], 0, alone),
+                                       rtol=1e-10, atol=1e-10)
+
+
 def test_no_window_has_no_tensors_and_calls_the_plain_math():
     """--t2r-window 0 is the model of before: the same tensors, the same state, the plain math."""
     attn = T2RSelfAttention(16, 2, feature_dim=4).double()
