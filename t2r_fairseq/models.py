@@ -6,6 +6,7 @@ build_encoder_attention), never a forward pass, so upstream fixes keep flowing i
 """
 from dataclasses import dataclass
 
+import torch
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import (ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY, register_model,
@@ -126,13 +127,14 @@ class T2RLanguageModel(TransformerLanguageModel):
             state = {}  # a new epoch, a validation, or another batch shape: the streams start over
         out = prefill(self.decoder, src_tokens, state, **kwargs)
         # Gradients stay inside a batch: the next one starts from the values alone.
-        self._streams[self.training] = {key: {name: t.detach() for name, t in buffer.items()}
-                                        for key, buffer in state.items()}
+        # (A window's position is a number, the same for every stream.)
+        self._streams[self.training] = {key: {name: t.detach() if torch.is_tensor(t) else t
+                                              for name, t in buffer.items()} for key, buffer in state.items()}
         return out
 
 
 def _rows(state) -> int:
-    return next(t.size(0) for buffer in state.values() for t in buffer.values() if t.dim() == 4)
+    return next(t.size(0) for buffer in state.values() for t in buffer.values() if torch.is_tensor(t) and t.dim() == 4)
 
 
 @register_model("t2r_transformer")
