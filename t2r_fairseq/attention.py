@@ -7,7 +7,7 @@ softmax checkpoint and every T2R checkpoint load by name, and fairseq's forward 
 
 Each keeps one state, only in fairseq's incremental_state: the packed [S | z] of linear_attention.py,
 (batch, heads, features, head_dim + 1) (with a sliding window, also window_attention.py's ring of
-the last W keys and the count of keys read), batch-first so that beam search reorders it with one
+the last W positions and the position reached), batch-first so that beam search reorders it with one
 index_select per tensor. The values that build it are v1 = [v | 1]; the column of ones is made in
 one place, _value_weights, as one more output per head of the value projection.
 """
@@ -22,7 +22,7 @@ from .decay import build_decay
 from .feature_maps import T2RFeatureMap, build_feature_map
 from .linear_attention import (DEFAULT_CHUNK_SIZE, packed_causal_linear_attention, packed_linear_attention_read,
                                packed_linear_attention_state, packed_linear_attention_step)
-from .window_attention import WindowState, packed_window_attention, packed_window_attention_step
+from .window_attention import WindowState, window_attention, window_attention_step
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
 
@@ -102,10 +102,11 @@ class _LinearAttention(nn.Module):
 
     @torch.jit.unused
     def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
-        """Beam search: the state is batch-first, so reordering is one index_select per tensor."""
+        """Beam search: the state is batch-first, so reordering is one index_select per tensor (a
+        number, the window's position, is the same for every row)."""
         buffer = self._get_input_buffer(incremental_state)
         if buffer:
-            self._set_input_buffer(incremental_state, {name: t.index_select(0, new_order)
+            self._set_input_buffer(incremental_state, {name: t.index_select(0, new_order) if torch.is_tensor(t) else t
                                                        for name, t in buffer.items()})
         return incremental_state
 
@@ -121,15 +122,76 @@ class _LinearAttention(nn.Module):
 
 
 class Projection(NamedTuple):
-    """What T2RSelfAttention computes from its input: phi(q), phi(k): (batch, heads, time, features),
-    v1: (batch, heads, time, head_dim + 1), the log-gates (broadcasting to (batch, heads, time); None
-    without decay), and, with a window, the raw q and k: (batch, heads, time, head_dim) (else None)."""
+    """What the forms of T2RSelfAttention read, computed from the input: phi(q), phi(k): (batch,
+    heads, time, features) (padded keys zero), v1: (batch, heads, time, head_dim + 1), the log-gates
+    (broadcasting to (batch, heads, time); None without decay), the padding, (batch, time) or None,
+    and for a form that reads them (the window's) the raw q and k: (batch, heads, time, head_dim)
+    and the balance log_balance: (heads,) (else None)."""
     q: Tensor
     k: Tensor
     v1: Tensor
     log_g: Optional[Tensor]
+    padding: Optional[Tensor]
     raw_q: Optional[Tensor]
     raw_k: Optional[Tensor]
+    log_balance: Optional[Tensor]
+
+
+class LinearForm:
+    """Plain causal linear attention (linear_attention.py). Its state is the packed [S | z], kept in
+    the incremental-state buffer as "state"."""
+    reads_raw_qk = False
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    def parallel(self, p: Projection, state: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        return packed_causal_linear_attention(p.q, p.k, p.v1, initial_state=state, log_g=p.log_g,
+                                              chunk_size=self.chunk_size)
+
+    def step(self, p: Projection, state: Optional[Tensor], inplace: bool) -> Tuple[Tensor, Tensor]:
+        return packed_linear_attention_step(p.q, p.k, p.v1, state, log_g=p.log_g, inplace=inplace)
+
+    @staticmethod
+    def load(buffer: Dict[str, Optional[Tensor]]) -> Optional[Tensor]:
+        return buffer.get("state")
+
+    @staticmethod
+    def save(state: Tensor) -> Dict[str, Optional[Tensor]]:
+        return {"state": state}
+
+
+class WindowForm:
+    """Sliding-window softmax + linear attention (window_attention.py), window W. Its state is
+    window_attention.WindowState: [S | z] under "state" (as the linear form's), the ring's keys,
+    values and features, the position and, after padding, the ring's validity beside it."""
+    reads_raw_qk = True
+
+    def __init__(self, window: int, chunk_size: int):
+        self.window, self.chunk_size = window, chunk_size
+
+    def parallel(self, p: Projection, state: Optional[WindowState]) -> Tuple[Tensor, WindowState]:
+        return window_attention(p.q, p.k, p.v1, p.raw_q, p.raw_k, window=self.window, log_balance=p.log_balance,
+                                initial_state=state, log_g=p.log_g, padding=p.padding, chunk_size=self.chunk_size)
+
+    def step(self, p: Projection, state: Optional[WindowState], inplace: bool) -> Tuple[Tensor, WindowState]:
+        return window_attention_step(p.q, p.k, p.v1, p.raw_q, p.raw_k, state, window=self.window,
+                                     log_balance=p.log_balance, log_g=p.log_g, padding=p.padding, inplace=inplace)
+
+    @staticmethod
+    def load(buffer: Dict[str, Optional[Tensor]]) -> Optional[WindowState]:
+        if not buffer:
+            return None
+        return WindowState(buffer["state"], buffer["keys"], buffer["values"], buffer["features"], buffer["position"],
+                           buffer.get("valid"))
+
+    @staticmethod
+    def save(state: WindowState) -> Dict[str, Optional[Tensor]]:
+        buffer = {"state": state.packed, "keys": state.keys, "values": state.values, "features": state.features,
+                  "position": state.position}
+        if state.valid is not None:
+            buffer["valid"] = state.valid
+        return buffer
 
 
 class T2RSelfAttention(_LinearAttention):
@@ -137,6 +199,9 @@ class T2RSelfAttention(_LinearAttention):
     speed and memory only). With it, the call continues the state saved there and saves the final
     one: one new position is a decode step (constant cost, in place when autograd is off), several
     (a prompt, a block of a stream: see `prefill`) run the chunked form from the saved state.
+
+    The form of the attention (LinearForm, WindowForm: each a parallel call, a one-step call and its
+    state's conversion to and from the incremental-state buffer) is chosen once, here; forward calls it.
 
     fold_feature_map (T2R's map only, whose first layer is linear): phi(y) = relu(W y + b) is
     folded into q_proj and k_proj, and q, k and v come out of one matmul; False runs the textbook
@@ -157,15 +222,21 @@ class T2RSelfAttention(_LinearAttention):
                  chunk_size: int = DEFAULT_CHUNK_SIZE, fold_feature_map: bool = True, decay: str = "none",
                  window: int = 0):
         super().__init__(embed_dim, num_heads, feature_map=feature_map, feature_dim=feature_dim)
-        self.chunk_size = chunk_size
-        self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap) and not window
-        self.decay = build_decay(decay, num_heads, embed_dim)
         self.window = window
+        self.form = WindowForm(window, chunk_size) if window else LinearForm(chunk_size)
+        self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap) and not self.form.reads_raw_qk
+        self.decay = build_decay(decay, num_heads, embed_dim)
         if window:
             # beta = 1 / features: phi(q).phi(k) sums that many products, so one older key starts on the
             # scale of a softmax key scoring ~0 and the window's high-scoring keys dominate a converted
             # model at first; training (the attention-transfer criterion too) moves it.
             self.log_balance = nn.Parameter(torch.full((num_heads,), -math.log(self.feature_map.feature_dim)))
+        else:
+            self.register_parameter("log_balance", None)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.form.chunk_size
 
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, incremental_state: IncrementalState = None,
@@ -174,40 +245,18 @@ class T2RSelfAttention(_LinearAttention):
         """query: (time, batch, embed). Keys and values come from query, as in fairseq's
         self-attention (key and value are ignored); attn_mask is ignored: causal by construction."""
         p = self._project(query, key_padding_mask, incremental_state)
-        if self.window:
-            return self._merge(self._window_attention(p, key_padding_mask, incremental_state)), None
-        saved = self._saved_state(incremental_state)
-        if incremental_state is not None and p.q.size(2) == 1:
-            out, state = packed_linear_attention_step(p.q, p.k, p.v1, saved, log_g=p.log_g,
-                                                      inplace=not torch.is_grad_enabled())
+        saved = self.form.load(self._get_input_buffer(incremental_state))
+        if incremental_state is not None and query.size(0) == 1:
+            out, state = self.form.step(p, saved, inplace=not torch.is_grad_enabled())
         else:
-            out, state = packed_causal_linear_attention(p.q, p.k, p.v1, initial_state=saved, log_g=p.log_g,
-                                                        chunk_size=self.chunk_size)
+            out, state = self.form.parallel(p, saved)
         if incremental_state is not None and state is not saved:
-            self._save_state(incremental_state, state)
+            self._set_input_buffer(incremental_state, self.form.save(state))
         return self._merge(out), None
-
-    def _window_attention(self, p: Projection, key_padding_mask: Optional[Tensor],
-                          incremental_state: IncrementalState) -> Tensor:
-        """window_attention.py's forms, as the plain path uses linear_attention.py's; the state is
-        [S | z] under "state" (as without a window), the ring and the count beside it."""
-        buffer = self._get_input_buffer(incremental_state)
-        saved = WindowState(buffer["state"], buffer["ring"], buffer["count"]) if buffer else None
-        kwargs = dict(window=self.window, log_balance=self.log_balance, log_g=p.log_g, padding=key_padding_mask)
-        if incremental_state is not None and p.q.size(2) == 1:
-            out, state = packed_window_attention_step(p.raw_q, p.raw_k, p.v1, p.q, p.k, saved,
-                                                      inplace=not torch.is_grad_enabled(), **kwargs)
-        else:
-            out, state = packed_window_attention(p.raw_q, p.raw_k, p.v1, p.q, p.k, initial_state=saved,
-                                                 chunk_size=self.chunk_size, **kwargs)
-        if incremental_state is not None and state is not saved:
-            self._set_input_buffer(incremental_state, {"state": state.packed, "ring": state.ring,
-                                                       "count": state.count})
-        return out
 
     def _project(self, x: Tensor, key_padding_mask: Optional[Tensor], incremental_state: IncrementalState
                  ) -> Projection:
-        """phi(q), phi(k), v1, the log-gates and (with a window) the raw q and k, from one matmul."""
+        """What the form reads (Projection), from one matmul."""
         weights = self._weights(incremental_state)
         qkv = nn.functional.linear(x, weights["weight"], weights["bias"])
         width = self.num_heads * self.feature_map.feature_dim if self.folded else self.embed_dim
@@ -216,13 +265,14 @@ class T2RSelfAttention(_LinearAttention):
         gate_width = self.num_heads if self.decay is not None and self.decay.from_input else 0
         q, k, v1, gate_logits = qkv.split([width, width, qkv.size(-1) - 2 * width - gate_width, gate_width], dim=-1)
         q, k, v1 = self._heads(q), self._heads(k), self._heads(v1)
-        raw_q, raw_k = (q, k) if self.window else (None, None)  # never folded with a window
-        if not self.folded:
-            q, k = self.feature_map(q), self.feature_map(k)
+        raw_q, raw_k = (q, k) if self.form.reads_raw_qk else (None, None)  # never folded then
+        if not self.folded:  # one call: the map treats every row alike
+            q, k = self.feature_map(torch.cat([q, k])).chunk(2)
         log_g = self.decay.log_gates(gate_logits) if gate_width else weights.get("log_g")
         if log_g is not None and key_padding_mask is not None:
             log_g = log_g.masked_fill(key_padding_mask.bool()[:, None, :], 0.0)  # gate 1: a pad decays nothing
-        return Projection(q, self._drop_padding(k, key_padding_mask), v1, log_g, raw_q, raw_k)
+        return Projection(q, self._drop_padding(k, key_padding_mask), v1, log_g, key_padding_mask, raw_q, raw_k,
+                          self.log_balance)
 
     def _weights(self, incremental_state: IncrementalState) -> Dict[str, Tensor]:
         """What the forward pass derives from the parameters: (weight, bias) of the matmul
@@ -290,6 +340,17 @@ class T2RCrossAttention(_LinearAttention):
             if incremental_state is not None:
                 self._save_state(incremental_state, state)
         return self._merge(packed_linear_attention_read(self._features(self.q_proj, query), state)), None
+
+    @torch.jit.unused
+    def reorder_incremental_state(self, incremental_state: IncrementalState, new_order: Tensor):
+        """The state is made from the encoder output, the same for every beam of one sentence, and
+        beam search moves hypotheses only among the beams of their sentence: while the batch keeps its
+        size, reordering changes no value, and is skipped (fairseq's MultiheadAttention skips its static
+        encoder-decoder buffers so). A batch that shrank (finished sentences dropped) is selected."""
+        state = self._saved_state(incremental_state)
+        if state is not None and state.size(0) != new_order.size(0):
+            self._save_state(incremental_state, state.index_select(0, new_order))
+        return incremental_state
 
 
 def prefill(decoder, tokens: Tensor, incremental_state: Dict, **kwargs):

@@ -89,7 +89,7 @@ def packed_causal_linear_attention(q: Tensor, k: Tensor, v1: Tensor, *, initial_
     With decay, c_t is the cumulative sum of log-gates inside a chunk: position i reads key j of
     its chunk with weight exp(c_i - c_j), the state before the chunk with exp(c_i), and a chunk
     adds to the state after it k_j v1_j^T exp(c_last - c_j); states move across chunks by
-    _decayed_chunk_states.
+    chunk_states.
 
     v1: (batch, heads, time, dim + 1); initial_state: packed, or None. Returns (out: (batch,
     heads, time, dim), final packed state: a new tensor).
@@ -117,15 +117,13 @@ def packed_causal_linear_attention(q: Tensor, k: Tensor, v1: Tensor, *, initial_
 
     if log_g is None:
         chunk_kv = kc.transpose(-1, -2) @ vc                   # (b, h, n, feat, dim + 1)
-        inclusive = chunk_kv.cumsum(dim=2) + running.unsqueeze(2)
-        before_chunk = torch.cat([running.unsqueeze(2), inclusive[:, :, :-1]], dim=2)
-        final = inclusive[:, :, -1]
+        before_chunk, final = chunk_states(chunk_kv, running)
         scores = scores.masked_fill(~causal, 0.0)
     else:
         a = torch.nn.functional.pad(log_g.to(acc).expand(batch, heads, time), (0, pad))
         c = a.view(batch, heads, n_chunks, chunk_size).cumsum(dim=-1)  # (b, h, n, chunk)
         chunk_kv = (kc * (c[..., -1:] - c).exp().unsqueeze(-1)).transpose(-1, -2) @ vc
-        before_chunk, final = _decayed_chunk_states(chunk_kv, running, c[..., -1])
+        before_chunk, final = chunk_states(chunk_kv, running, c[..., -1])
         scores = scores * (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(~causal, -torch.inf).exp()
         qc = qc * c.exp().unsqueeze(-1)
 
@@ -146,14 +144,19 @@ def _segment_sums(x: Tensor) -> Tensor:
     return sums.masked_fill(~lower, -torch.inf)
 
 
-def _decayed_chunk_states(chunk_kv: Tensor, initial: Tensor, chunk_log_decay: Tensor) -> Tuple[Tensor, Tensor]:
-    """The state before each chunk and after the last one, with decay: before chunk n,
-    exp(a_0 + ... + a_{n-1}) initial + sum_{m<n} exp(a_{m+1} + ... + a_{n-1}) chunk_kv_m, where
-    a_m is chunk m's total log-decay. One (n+1) x (n+1) weighted sum over [initial, chunk_kv_0, ...]
-    instead of a scan: the chunk count is T / chunk, small.
+def chunk_states(chunk_kv: Tensor, initial: Tensor, chunk_log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The packed state before each chunk and after the last one, from each chunk's own sum
+    chunk_kv_m (its keys as they are at its end) and the state before the first: without decay an
+    exclusive cumulative sum; with it, before chunk n, exp(a_0 + ... + a_{n-1}) initial +
+    sum_{m<n} exp(a_{m+1} + ... + a_{n-1}) chunk_kv_m, where a_m is chunk m's total log-decay: one
+    (n+1) x (n+1) weighted sum over [initial, chunk_kv_0, ...] instead of a scan (the chunk count is
+    T / chunk, small). Every chunked form (linear_attention.py's, window_attention.py's) uses it.
 
-    chunk_kv: (b, h, n, feat, width); initial: (b, h, feat, width); chunk_log_decay: (b, h, n).
+    chunk_kv: (b, h, n, feat, width); initial: (b, h, feat, width); chunk_log_decay: (b, h, n) or None.
     Returns (before each chunk: (b, h, n, feat, width), final: (b, h, feat, width))."""
+    if chunk_log_decay is None:
+        inclusive = chunk_kv.cumsum(dim=2) + initial.unsqueeze(2)
+        return torch.cat([initial.unsqueeze(2), inclusive[:, :, :-1]], dim=2), inclusive[:, :, -1]
     b, h, n, feat, width = chunk_kv.shape
     sources = torch.cat([initial.unsqueeze(2), chunk_kv], dim=2)
     weights = _segment_sums(torch.nn.functional.pad(chunk_log_decay, (1, 0))).exp()  # (b, h, n+1, n+1)

@@ -7,6 +7,7 @@ build_encoder_attention), never a forward pass, so upstream fixes keep flowing i
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import (ARCH_CONFIG_REGISTRY, ARCH_MODEL_REGISTRY, MODEL_REGISTRY, register_model,
@@ -133,13 +134,14 @@ class T2RLanguageModel(TransformerLanguageModel):
         out = prefill(self.decoder, src_tokens, state, **kwargs)
         # Gradients stay inside a batch: the next one starts from the values alone. Training and
         # evaluation keep their own states, so a validation in mid-epoch leaves the training streams be.
-        self._streams[self.training] = {key: {name: t.detach() for name, t in buffer.items()}
-                                        for key, buffer in state.items()}
+        # (A window's position is a number, the same for every stream.)
+        self._streams[self.training] = {key: {name: t.detach() if torch.is_tensor(t) else t
+                                              for name, t in buffer.items()} for key, buffer in state.items()}
         return out
 
 
 def _rows(state) -> int:
-    return next(t.size(0) for buffer in state.values() for t in buffer.values() if t.dim() == 4)
+    return next(t.size(0) for buffer in state.values() for t in buffer.values() if torch.is_tensor(t) and t.dim() == 4)
 
 
 @register_model("t2r_transformer")

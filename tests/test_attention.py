@@ -119,13 +119,17 @@ def test_cross_attention_state_is_packed_and_padding_adds_nothing():
     torch.testing.assert_close(out, _out(attn, ref), rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("role", ["self", "cross"])
-def test_reorder_equals_the_permuted_batch(role):
+@pytest.mark.parametrize("role,order", [
+    ("self", [2, 0, 3, 3]),  # beam search also duplicates rows
+    ("cross", [1, 1, 2, 3]),  # 2 sentences x 2 beams, each beam from one of its sentence's: skipped
+    ("cross", [2, 3]),  # the first sentence finished: the batch shrinks, the state is selected
+])
+def test_reorder_equals_the_permuted_batch(role, order):
     torch.manual_seed(0)
     attn = (T2RSelfAttention(16, 2, feature_dim=4) if role == "self"
             else T2RCrossAttention(16, 2, kdim=12, vdim=12, feature_dim=4)).double().eval()
-    x, src = _x(time=10, batch=4), _x(time=6, batch=4, dim=12, seed=2)
-    order = torch.tensor([2, 0, 3, 3])  # beam search also duplicates rows
+    x, src = _x(time=10, batch=4), _x(time=6, batch=2, dim=12, seed=2).repeat_interleave(2, dim=1)
+    order = torch.tensor(order)
 
     def run(x, src, state, times):
         kv = (x, x) if role == "self" else (src, src)

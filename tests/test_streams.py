@@ -41,8 +41,9 @@ def _model(extra=()):
     return model
 
 
-def test_batches_of_a_stream_equal_one_long_forward():
-    model = _model()
+@pytest.mark.parametrize("extra", [[], ["--t2r-window", 8]])
+def test_batches_of_a_stream_equal_one_long_forward(extra):
+    model = _model(extra)
     x = torch.randint(4, 60, (2, 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(x)[0]

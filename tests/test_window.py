@@ -6,7 +6,8 @@ with and without decay and an initial state; with W >= length it is causal softm
 enters no window, ring or state; 16k tokens stay finite and exact in float32 and bfloat16. The module
 and whole decoders: the textbook form, the softmax teacher when the window covers the input, decoding
 token by token (and after a prefill) equals the full forward for every feature map, hybrids and decay,
-the state is constant in size, beam reordering equals the permuted batch, padding changes nothing.
+the ring grows like a key/value cache to W slots, then stays, beam reordering equals the permuted
+batch, padding changes nothing.
 Options and conversion: the balances are named as new; bad values are one line."""
 import math
 import re
@@ -25,12 +26,13 @@ from test_models import _incremental, _left_padded_sources, _log_probs, _targets
 
 
 def _window_inputs(batch, heads, time, head_dim=4, feat=3, seed=0, dtype=torch.float64, scale=1.0):
-    """Raw queries and keys (any sign), values with their column of ones, non-negative features."""
+    """(phi_q, phi_k, v1, q, k), the forms' leading arguments: non-negative features, values with their
+    column of ones, raw queries and keys (any sign)."""
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(batch, heads, time, head_dim, generator=g, dtype=dtype) * scale for _ in range(2))
     v1 = la.with_ones_column(torch.randn(batch, heads, time, head_dim, generator=g, dtype=dtype))
     phi_q, phi_k = (torch.rand(batch, heads, time, feat, generator=g, dtype=dtype) for _ in range(2))
-    return q, k, v1, phi_q, phi_k
+    return phi_q, phi_k, v1, q, k
 
 
 def _balance(heads, seed=3):
@@ -44,25 +46,35 @@ def _prefix_state(kind, window, decay, heads=2):
     time = {"short": 3, "long": 37}[kind]
     inputs = _window_inputs(2, heads, time, seed=7)
     padding = torch.zeros(2, time, dtype=torch.bool)
-    padding[1, :2] = True  # rows with different key counts: different ring slots
+    padding[1, :2] = True  # rows with different key counts: a ring with empty slots
     log_g = _log_gates(2, heads, time, "position", seed=8) if decay else None
-    return wa.packed_window_attention(*inputs, window=window, log_balance=_balance(heads), log_g=log_g,
-                                      padding=padding, chunk_size=16)[1]
+    return wa.window_attention(*inputs, window=window, log_balance=_balance(heads), log_g=log_g,
+                               padding=padding, chunk_size=16)[1]
 
 
-def _filled(state):
-    """The ring with its empty slots zeroed: what they hold (the step form ages them too) is never read."""
-    window = state.ring.size(2)
-    return state.ring * (torch.arange(window) < state.count[:, None])[:, None, :, None]
+def _valid(state):
+    """Which slots hold keys (None: all of them)."""
+    if state.valid is None:
+        return torch.ones(state.keys.size(0), state.keys.size(2), dtype=torch.bool)
+    return state.valid
 
 
 def _assert_states_equal(got, want, tol=1e-10):
     torch.testing.assert_close(got.packed, want.packed, rtol=tol, atol=tol)
-    torch.testing.assert_close(_filled(got), _filled(want), rtol=tol, atol=tol)
-    assert torch.equal(got.count, want.count)
+    assert got.position == want.position and torch.equal(_valid(got), _valid(want))
+    filled = _valid(got)[:, None, :, None]  # an empty slot's age is never read
+    for a, b in [(got.keys, want.keys), (got.values, want.values), (got.features, want.features)]:
+        torch.testing.assert_close(a * filled, b * filled, rtol=tol, atol=tol)
 
 
-FORMS = [(wa.packed_window_attention, {"chunk_size": 16}), (wa.packed_window_attention, {"chunk_size": 64}),
+def _assert_same_keys(got, want, window, tol=1e-10):
+    """The same [S | z] and the same keys in the ring in the same order (slots and position may differ)."""
+    torch.testing.assert_close(got.packed, want.packed, rtol=tol, atol=tol)
+    for a, b in zip(wa._ring_in_time_order(got, window), wa._ring_in_time_order(want, window)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+FORMS = [(wa.window_attention, {"chunk_size": 16}), (wa.window_attention, {"chunk_size": 64}),
          (wa.recurrent_window_attention, {})]
 LENGTHS = [(1, 1), (5, 1), (65, 1), (15, 16), (16, 16), (17, 16), (63, 16), (64, 16), (65, 16), (130, 16),
            (64, 64), (65, 64), (130, 64), (130, 40), (20, 200)]
@@ -84,8 +96,8 @@ def test_forms_agree(time, window, prefix, decay):
 
 
 def test_window_covering_the_input_is_causal_softmax_attention():
-    q, k, v1, phi_q, phi_k = _window_inputs(2, 3, 50)
-    out, _ = wa.packed_window_attention(q, k, v1, phi_q, phi_k, window=50, log_balance=_balance(3), chunk_size=16)
+    phi_q, phi_k, v1, q, k = _window_inputs(2, 3, 50)
+    out, _ = wa.window_attention(phi_q, phi_k, v1, q, k, window=50, log_balance=_balance(3), chunk_size=16)
     scores = (q @ k.transpose(-1, -2)) / 2  # sqrt(head_dim = 4)
     causal = torch.ones(50, 50, dtype=torch.bool).tril()
     expected = scores.masked_fill(~causal, -torch.inf).softmax(-1) @ v1[..., :-1]
@@ -95,9 +107,9 @@ def test_window_covering_the_input_is_causal_softmax_attention():
 def test_naive_reference_is_the_definition_written_out():
     """The oracle against one query computed by hand: W softmax scores, older keys' decayed
     linear scores times beta, one normalisation."""
-    q, k, v1, phi_q, phi_k = _window_inputs(1, 1, 12)
+    phi_q, phi_k, v1, q, k = _window_inputs(1, 1, 12)
     log_g, balance, i, window = _log_gates(1, 1, 12, "position"), _balance(1), 11, 4
-    out, _ = wa.naive_window_attention(q, k, v1, phi_q, phi_k, window=window, log_balance=balance, log_g=log_g)
+    out, _ = wa.naive_window_attention(phi_q, phi_k, v1, q, k, window=window, log_balance=balance, log_g=log_g)
     c = log_g[0, 0].cumsum(0)
     weights = [math.exp(q[0, 0, i] @ k[0, 0, j] / 2) if i - j < window
                else balance.exp().item() * math.exp(c[i] - c[j]) * float(phi_q[0, 0, i] @ phi_k[0, 0, j])
@@ -116,7 +128,7 @@ def test_gradients_agree(time, window):
     for fn, extra in [(wa.naive_window_attention, {})] + FORMS:
         out, final = fn(*inputs, window=window, log_balance=balance, log_g=log_g, initial_state=state, **extra)
         loss = ((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
-                + final.packed.sum() + final.ring.sum())
+                + sum(t.sum() for t in final[:4]))
         grads.append(list(torch.autograd.grad(loss, (*inputs, log_g, balance))))
         grads[-1][2] = grads[-1][2][..., :-1]  # v1's column of ones is ones by contract: only the naive ignores it
     assert all(g.abs().sum() > 0 for g in grads[0])  # every input, the gates and the balance learn
@@ -135,17 +147,17 @@ def test_pieces_equal_whole(split, padding, decay):
     inputs = _window_inputs(2, 2, time)
     log_g = _log_gates(2, 2, time, "position") if decay else None
     kwargs = dict(window=window, log_balance=_balance(2), chunk_size=16)
-    whole, whole_state = wa.packed_window_attention(*inputs, log_g=log_g, **kwargs)
+    whole, whole_state = wa.window_attention(*inputs, log_g=log_g, **kwargs)
     junk = _window_inputs(2, 2, padding, seed=9)
     first = [torch.cat([t[:, :, :split], j], dim=2) for t, j in zip(inputs, junk)]
     first_g = None if log_g is None else torch.cat([log_g[:, :, :split], log_g.new_full((2, 2, padding), -1.0)], 2)
     pad = torch.zeros(2, split + padding, dtype=torch.bool)
     pad[:, split:] = True
-    out_a, state = wa.packed_window_attention(*first, log_g=first_g, padding=pad, **kwargs)
-    out_b, final = wa.packed_window_attention(*(t[:, :, split:] for t in inputs), initial_state=state,
-                                              log_g=None if log_g is None else log_g[:, :, split:], **kwargs)
+    out_a, state = wa.window_attention(*first, log_g=first_g, padding=pad, **kwargs)
+    out_b, final = wa.window_attention(*(t[:, :, split:] for t in inputs), initial_state=state,
+                                       log_g=None if log_g is None else log_g[:, :, split:], **kwargs)
     torch.testing.assert_close(torch.cat([out_a[:, :, :split], out_b], dim=2), whole, rtol=1e-10, atol=1e-10)
-    _assert_states_equal(final, whole_state)
+    _assert_same_keys(final, whole_state, window)
 
 
 @pytest.mark.parametrize("decay", [False, True])
@@ -153,32 +165,52 @@ def test_left_padding_changes_no_output_nor_state(decay):
     inputs = _window_inputs(1, 2, 40)
     log_g = _log_gates(1, 2, 40, "position") if decay else None
     kwargs = dict(window=16, log_balance=_balance(2), chunk_size=16)
-    out, state = wa.packed_window_attention(*inputs, log_g=log_g, **kwargs)
+    out, state = wa.window_attention(*inputs, log_g=log_g, **kwargs)
     padded = [torch.cat([j * 100, t], dim=2) for t, j in zip(inputs, _window_inputs(1, 2, 7, seed=9))]
     padded_g = None if log_g is None else torch.cat([log_g.new_full((1, 2, 7), -2.0), log_g], dim=2)
     pad = torch.arange(47)[None] < 7
-    out_p, state_p = wa.packed_window_attention(*padded, log_g=padded_g, padding=pad, **kwargs)
+    out_p, state_p = wa.window_attention(*padded, log_g=padded_g, padding=pad, **kwargs)
     torch.testing.assert_close(out_p[:, :, 7:], out, rtol=1e-10, atol=1e-10)
-    _assert_states_equal(state_p, state)
+    _assert_same_keys(state_p, state, 16)
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_padded_step_changes_nothing_and_inplace_step_allocates_no_state(inplace):
+def test_padded_step_changes_nothing_in_the_padded_row():
     inputs = _window_inputs(2, 2, 30)
     log_g = _log_gates(2, 2, 30, "position")
     kwargs = dict(window=8, log_balance=_balance(2))
-    _, state = wa.packed_window_attention(*(t[:, :, :29] for t in inputs), log_g=log_g[:, :, :29], **kwargs)
-    before = wa.WindowState(*(t.clone() for t in state))
+    _, state = wa.window_attention(*(t[:, :, :29] for t in inputs), log_g=log_g[:, :, :29], **kwargs)
     step = [t[:, :, 29:] for t in inputs]
-    out, new = wa.packed_window_attention_step(*step, state, log_g=log_g[:, :, 29:],
-                                               padding=torch.tensor([[False], [True]]), inplace=inplace, **kwargs)
-    assert all((a is b) == inplace for a, b in zip(new, state))
-    for a, b in zip(new, before):
-        assert torch.equal(a[1], b[1])  # the padded row
+    out, new = wa.window_attention_step(*step, state, log_g=log_g[:, :, 29:],
+                                        padding=torch.tensor([[False], [True]]), **kwargs)
+    row = [wa.WindowState(*(x[1:] for x in t[:4]), t.position, None if t.valid is None else t.valid[1:])
+           for t in (new, state)]
+    _assert_same_keys(*row, 8, tol=0)  # the same keys, now in the slots of the positions before the new one
     ref, ref_state = wa.naive_window_attention(*(t[:1] for t in step), initial_state=wa.WindowState(
-        *(t[:1] for t in before)), log_g=log_g[:1, :, 29:], **kwargs)
+        *(x[:1] for x in state[:4]), state.position), log_g=log_g[:1, :, 29:], **kwargs)
     torch.testing.assert_close(out[:1], ref, rtol=1e-12, atol=1e-12)
-    _assert_states_equal(wa.WindowState(*(t[:1] for t in new)), ref_state, tol=1e-12)
+    _assert_states_equal(wa.WindowState(*(x[:1] for x in new[:4]), new.position), ref_state, tol=1e-12)
+
+
+@pytest.mark.parametrize("time", [3, 30])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_step_writes_one_slot_like_a_cache(time, inplace):
+    """A step with a full ring writes slot position mod W of the given tensors when in place and
+    allocates no state; before W positions the ring grows by one slot, as a key/value cache does."""
+    inputs = _window_inputs(2, 2, time + 1)
+    kwargs = dict(window=8, log_balance=_balance(2))
+    _, state = wa.window_attention(*(t[:, :, :time] for t in inputs), **kwargs)
+    before = wa.WindowState(*(t.clone() for t in state[:4]), state.position)
+    out, new = wa.window_attention_step(*(t[:, :, time:] for t in inputs), state, inplace=inplace, **kwargs)
+    assert new.position == time + 1 and new.keys.size(2) == min(time + 1, 8)
+    full = time >= 8
+    assert (new.packed is state.packed) == inplace
+    assert all((a is b) == (inplace and full) for a, b in zip(new[1:4], state[1:4]))
+    if full:  # every slot but position mod W is as it was
+        untouched = torch.arange(8) != time % 8
+        assert all(torch.equal(a[:, :, untouched], b[:, :, untouched]) for a, b in zip(new[1:4], before[1:4]))
+    ref, ref_state = wa.naive_window_attention(*(t[:, :, time:] for t in inputs), initial_state=before, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    _assert_states_equal(new, ref_state, tol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -187,23 +219,23 @@ def test_sixteen_thousand_tokens_stay_finite_and_exact(dtype):
     keys, strong varied decay on one head and none on the other: the output and state equal float64's
     on the same inputs, and a decode step continues the parallel pass."""
     time = 16384
-    q, k, v1, phi_q, phi_k = (t.to(dtype) for t in _window_inputs(1, 2, time, head_dim=8, feat=8, scale=5.0,
+    phi_q, phi_k, v1, q, k = (t.to(dtype) for t in _window_inputs(1, 2, time, head_dim=8, feat=8, scale=5.0,
                                                                   dtype=torch.float32))
     assert ((q[:, :, 1:] * k[:, :, 1:]).float().sum(-1) / 8 ** 0.5).abs().max() > 88
     log_g = torch.stack([-5 * torch.rand(time, generator=torch.Generator().manual_seed(0)), torch.zeros(time)])[None]
     kwargs = dict(window=64, log_balance=torch.tensor([-2.0, 1.0]), log_g=log_g)
-    out, state = wa.packed_window_attention(q, k, v1, phi_q, phi_k, **kwargs)
+    out, state = wa.window_attention(phi_q, phi_k, v1, q, k, **kwargs)
     assert out.dtype == dtype and state.packed.dtype == torch.float32
     assert torch.isfinite(out.float()).all() and torch.isfinite(state.packed).all()
-    as64 = [t.double() for t in (q, k, v1, phi_q, phi_k)]
-    ref, ref_state = wa.packed_window_attention(*as64, **{**kwargs, "log_g": log_g.double()})
+    as64 = [t.double() for t in (phi_q, phi_k, v1, q, k)]
+    ref, ref_state = wa.window_attention(*as64, **{**kwargs, "log_g": log_g.double()})
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(state.packed.double(), ref_state.packed, rtol=1e-4, atol=1e-4)
-    _, before = wa.packed_window_attention(*(t[:, :, :-1] for t in (q, k, v1, phi_q, phi_k)),
-                                           **{**kwargs, "log_g": log_g[:, :, :-1]})
-    step, _ = wa.packed_window_attention_step(*(t[:, :, -1:] for t in (q, k, v1, phi_q, phi_k)), before,
-                                              **{**kwargs, "log_g": log_g[:, :, -1:]})
+    _, before = wa.window_attention(*(t[:, :, :-1] for t in (phi_q, phi_k, v1, q, k)),
+                                    **{**kwargs, "log_g": log_g[:, :, :-1]})
+    step, _ = wa.window_attention_step(*(t[:, :, -1:] for t in (phi_q, phi_k, v1, q, k)), before,
+                                       **{**kwargs, "log_g": log_g[:, :, -1:]})
     torch.testing.assert_close(step.double(), ref[:, :, -1:], rtol=tol, atol=tol)
 
 
@@ -229,7 +261,7 @@ def test_module_is_the_textbook_form(decay):
         q, k = _heads(attn, attn.q_proj(x)), _heads(attn, attn.k_proj(x))
         v1 = la.with_ones_column(_heads(attn, attn.v_proj(x)))
         log_g = _expected_log_gates(attn, decay, x) if decay != "none" else None
-        ref, _ = wa.naive_window_attention(q, k, v1, attn.feature_map(q), attn.feature_map(k), window=5,
+        ref, _ = wa.naive_window_attention(attn.feature_map(q), attn.feature_map(k), v1, q, k, window=5,
                                            log_balance=attn.log_balance, log_g=log_g)
         torch.testing.assert_close(attn(x, x, x)[0], _out(attn, ref), rtol=1e-10, atol=1e-10)
 
@@ -304,9 +336,27 @@ def test_padding_never_enters_the_ring_or_the_state(decay):
         for t in range(3):  # padded decode steps, then real ones
             attn(junk[t:t + 1], None, None, key_padding_mask=torch.ones(2, 1, dtype=torch.bool),
                  incremental_state=padded)
-        assert all(torch.equal(a, b) for a, b in zip(attn._get_input_buffer(padded).values(),
-                                                     attn._get_input_buffer(clean).values()))
+        _assert_same_keys(*(attn.form.load(attn._get_input_buffer(state)) for state in (padded, clean)), 6, tol=0)
         torch.testing.assert_close(_decode(attn, x[12:], 0, padded), out[12:], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("decay", ["none", "gated"])
+def test_ragged_prompts_then_decoding_equal_each_row_alone(decay):
+    """A batch of prompts of different lengths (left-padded), read at once, then decoded past the window
+    with one shared ring slot per step: each row continues as it does alone, without padding."""
+    attn = _attention(6, decay)
+    prompts, steps = _x(time=9, batch=2), _x(time=15, batch=2, seed=5)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, :7] = True  # row 1's prompt: 2 tokens
+    with torch.no_grad():
+        state = {}
+        attn(prompts, None, None, key_padding_mask=pad, incremental_state=state)
+        both = _decode(attn, steps, 0, state)
+        for row, start in ((0, 0), (1, 7)):
+            alone = {}
+            attn(prompts[start:, row:row + 1], None, None, incremental_state=alone)
+            torch.testing.assert_close(both[:, row:row + 1], _decode(attn, steps[:, row:row + 1], 0, alone),
+                                       rtol=1e-10, atol=1e-10)
 
 
 def test_no_window_has_no_tensors_and_calls_the_plain_math():
@@ -317,7 +367,7 @@ def test_no_window_has_no_tensors_and_calls_the_plain_math():
     state = {}
     with torch.no_grad():
         p = attn._project(x, None, None)
-        assert p.raw_q is None and p.raw_k is None
+        assert p.raw_q is None and p.raw_k is None and p.log_balance is None
         out, _ = la.packed_causal_linear_attention(p.q, p.k, p.v1, chunk_size=attn.chunk_size)
         assert torch.equal(attn(x, x, x, incremental_state=state)[0], attn._merge(out))
     assert list(attn._get_input_buffer(state)) == ["state"]
@@ -377,7 +427,7 @@ def test_prefill_then_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat([prefilled, rest], dim=1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_decoder_state_size_is_constant_in_prefix_length():
+def test_decoder_state_grows_like_a_cache_to_the_window_then_stays():
     model = _model(8)
     tokens = _tokens(1, 30, 60)
     sizes = []
@@ -386,9 +436,9 @@ def test_decoder_state_size_is_constant_in_prefix_length():
         for t in range(tokens.size(1)):
             _log_probs(model, tokens[:, :t + 1], incremental_state=state)
             sizes.append(sum(v.numel() for key, buf in state.items() if key.endswith("t2r_state")
-                             for v in buf.values()))
-    ring = 4 * 8 * (8 + 8 + 8 + 1 + 1)  # heads x W x [k | phi(k) | v1 | age]
-    assert len(set(sizes)) == 1 and sizes[0] == 2 * (4 * 8 * 9 + ring + 1)  # layers x ([S | z] + ring + count)
+                             for v in buf.values() if torch.is_tensor(v)))
+    slot = 4 * (8 + 9 + 8 + 1)  # heads x (k, v1, [phi(k) | age])
+    assert sizes == [2 * (4 * 8 * 9 + min(t + 1, 8) * slot) for t in range(30)]  # layers x ([S | z] + ring)
 
 
 def test_decoder_reorder_equals_decoding_the_permuted_batch():
