@@ -16,6 +16,7 @@ from .errors import T2RUsageError
 from .feature_maps import FEATURE_MAPS
 
 CROSS_ATTENTION = ("t2r", "softmax")
+UPDATES = ("add", "delta")
 
 
 @dataclass
@@ -46,6 +47,12 @@ class T2RConfig(FairseqDataclass):
                                      "ones, in one normalisation with a learned per-head balance (LoLCATs); "
                                      "decoding keeps the last W keys beside the state. 0 = off (the paper's)"})
 
+    t2r_update: ChoiceEnum(UPDATES) = field(
+        default="add", metadata={"help": "how T2R self-attention writes its state: add (the paper's, S += phi(k) v^T) "
+                                         "or delta (the delta rule: read what S holds for the unit-norm key and "
+                                         "replace a learned share b_t of it by v_t; with --t2r-decay gated, Gated "
+                                         "DeltaNet)"})
+
 
 # Every T2R flag's default, by field name (FairseqDataclass's own `_name` is not a flag).
 T2R_DEFAULTS = {name: f.default for name, f in T2RConfig.__dataclass_fields__.items() if name.startswith("t2r_")}
@@ -66,6 +73,7 @@ class T2ROptions:
     cross_attention: str
     decay: str  # of the T2R self-attention state
     window: int  # of T2R self-attention: softmax over the last `window` positions; 0 = off
+    update: str  # how T2R self-attention writes its state: add or delta
 
 
 class T2ROptionError(T2RUsageError):
@@ -123,14 +131,29 @@ def _window(args, softmax_layers: FrozenSet[int]) -> int:
     return window
 
 
+def _update(args, softmax_layers: FrozenSet[int], window: int) -> str:
+    update = _choice(args, "t2r_update", UPDATES)
+    if update == "add":
+        return update
+    if len(softmax_layers) == args.decoder_layers:
+        raise T2ROptionError(f"--t2r-update {update} sets how T2R self-attention writes its state, and every decoder "
+                             f"layer keeps softmax self-attention (--t2r-softmax-layers): drop one of them")
+    if window:
+        raise T2ROptionError(f"--t2r-update {update} with --t2r-window {window}: the window's ring hands the key "
+                             f"leaving it to an additive state, and the delta rule would have to write it: drop one")
+    return update
+
+
 def t2r_options(args) -> T2ROptions:
     """The checked T2R options of model args (argparse Namespace or fairseq config; missing
     options take T2RConfig's defaults). Raises T2ROptionError naming the flag."""
     softmax_layers = _softmax_layers(args)
+    window = _window(args, softmax_layers)
     return T2ROptions(feature_map=_choice(args, "t2r_feature_map", FEATURE_MAPS),
                       feature_dim=_positive_int(args, "t2r_feature_dim"),
                       chunk_size=_positive_int(args, "t2r_chunk_size"),
                       softmax_layers=softmax_layers,
                       cross_attention=_choice(args, "t2r_cross_attention", CROSS_ATTENTION),
                       decay=_decay(args, softmax_layers),
-                      window=_window(args, softmax_layers))
+                      window=window,
+                      update=_update(args, softmax_layers, window))
