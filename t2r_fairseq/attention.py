@@ -19,9 +19,11 @@ from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
 from .decay import build_decay
+from .delta_rule import chunked_delta_rule, delta_rule_step
 from .feature_maps import T2RFeatureMap, build_feature_map
-from .linear_attention import (DEFAULT_CHUNK_SIZE, packed_causal_linear_attention, packed_linear_attention_read,
-                               packed_linear_attention_state, packed_linear_attention_step)
+from .linear_attention import (DEFAULT_CHUNK_SIZE, accumulation_dtype, normalize_packed, packed_causal_linear_attention,
+                               packed_linear_attention_read, packed_linear_attention_state,
+                               packed_linear_attention_step)
 from .window_attention import WindowState, window_attention, window_attention_step
 
 IncrementalState = Optional[Dict[str, Dict[str, Optional[Tensor]]]]
@@ -135,6 +137,7 @@ class Projection(NamedTuple):
     raw_q: Optional[Tensor]
     raw_k: Optional[Tensor]
     log_balance: Optional[Tensor]
+    beta: Optional[Tensor] = None  # the delta rule's write strengths, (batch, heads, time), 0 at padding
 
 
 class LinearForm:
@@ -159,6 +162,29 @@ class LinearForm:
     @staticmethod
     def save(state: Tensor) -> Dict[str, Optional[Tensor]]:
         return {"state": state}
+
+
+class DeltaForm(LinearForm):
+    """The delta rule (delta_rule.py) on the packed [S | z]: each position first reads what the state
+    holds for its key and replaces b_t of it (z, the normaliser, follows the same update), so the state
+    can overwrite instead of only adding. Keys and queries are the features, L2-normalised (unit keys
+    make each step a contraction). The read-out is T2R's: numerator over normaliser, from one product.
+    Its state is the linear form's, "state" in the buffer."""
+
+    def parallel(self, p: Projection, state: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        q, k = _unit(p.q), _unit(p.k)
+        out, state = chunked_delta_rule(q, k, p.v1, p.beta, initial_state=state, log_g=p.log_g,
+                                        chunk_size=self.chunk_size)
+        return normalize_packed(out), state
+
+    def step(self, p: Projection, state: Optional[Tensor], inplace: bool) -> Tuple[Tensor, Tensor]:
+        out, state = delta_rule_step(_unit(p.q), _unit(p.k), p.v1, p.beta, state, log_g=p.log_g, inplace=inplace)
+        return normalize_packed(out), state
+
+
+def _unit(x: Tensor) -> Tensor:
+    # An all-zero feature vector (a padded key, relu features all off) stays zero: it writes nothing.
+    return nn.functional.normalize(x, dim=-1, eps=1e-6)
 
 
 class WindowForm:
@@ -220,10 +246,13 @@ class T2RSelfAttention(_LinearAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str = "t2r", feature_dim: int = 32,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, fold_feature_map: bool = True, decay: str = "none",
-                 window: int = 0):
+                 window: int = 0, update: str = "add"):
         super().__init__(embed_dim, num_heads, feature_map=feature_map, feature_dim=feature_dim)
+        if window and update != "add":
+            raise ValueError("a window's ring hands its oldest key to an additive state; the delta rule has no window")
         self.window = window
-        self.form = WindowForm(window, chunk_size) if window else LinearForm(chunk_size)
+        self.form = (WindowForm(window, chunk_size) if window else DeltaForm(chunk_size) if update == "delta"
+                     else LinearForm(chunk_size))
         self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap) and not self.form.reads_raw_qk
         self.decay = build_decay(decay, num_heads, embed_dim)
         if window:
@@ -233,6 +262,13 @@ class T2RSelfAttention(_LinearAttention):
             self.log_balance = nn.Parameter(torch.full((num_heads,), -math.log(self.feature_map.feature_dim)))
         else:
             self.register_parameter("log_balance", None)
+        # The delta rule's write strength b_t = sigmoid(w . x_t + b) per head, in the fused input matmul.
+        # Zero weight: every position starts writing half of the difference; gradients still reach it.
+        self.write_strength = None
+        if update == "delta":
+            self.write_strength = nn.Linear(embed_dim, num_heads)
+            nn.init.zeros_(self.write_strength.weight)
+            nn.init.zeros_(self.write_strength.bias)
 
     @property
     def chunk_size(self) -> int:
@@ -263,7 +299,9 @@ class T2RSelfAttention(_LinearAttention):
         if self.folded:
             torch.relu_(qkv[..., :2 * width])  # the map's relu; its linear layer is in the weights
         gate_width = self.num_heads if self.decay is not None and self.decay.from_input else 0
-        q, k, v1, gate_logits = qkv.split([width, width, qkv.size(-1) - 2 * width - gate_width, gate_width], dim=-1)
+        beta_width = self.num_heads if self.write_strength is not None else 0
+        q, k, v1, gate_logits, beta_logits = qkv.split(
+            [width, width, qkv.size(-1) - 2 * width - gate_width - beta_width, gate_width, beta_width], dim=-1)
         q, k, v1 = self._heads(q), self._heads(k), self._heads(v1)
         raw_q, raw_k = (q, k) if self.form.reads_raw_qk else (None, None)  # never folded then
         if not self.folded:  # one call: the map treats every row alike
@@ -271,8 +309,13 @@ class T2RSelfAttention(_LinearAttention):
         log_g = self.decay.log_gates(gate_logits) if gate_width else weights.get("log_g")
         if log_g is not None and key_padding_mask is not None:
             log_g = log_g.masked_fill(key_padding_mask.bool()[:, None, :], 0.0)  # gate 1: a pad decays nothing
+        beta = None
+        if beta_width:
+            beta = torch.sigmoid(beta_logits.to(accumulation_dtype(beta_logits))).permute(1, 2, 0)
+            if key_padding_mask is not None:
+                beta = beta.masked_fill(key_padding_mask.bool()[:, None, :], 0.0)  # a pad writes nothing
         return Projection(q, self._drop_padding(k, key_padding_mask), v1, log_g, key_padding_mask, raw_q, raw_k,
-                          self.log_balance)
+                          self.log_balance, beta)
 
     def _weights(self, incremental_state: IncrementalState) -> Dict[str, Tensor]:
         """What the forward pass derives from the parameters: (weight, bias) of the matmul
@@ -300,6 +343,8 @@ class T2RSelfAttention(_LinearAttention):
         rows = [(wq, bq), (wk, bk), self._value_weights()]
         if self.decay is not None and self.decay.from_input:
             rows.append((self.decay.weight.to(wq.dtype), self.decay.bias.to(wq.dtype)))
+        if self.write_strength is not None:
+            rows.append((self.write_strength.weight.to(wq.dtype), self.write_strength.bias.to(wq.dtype)))
         weights = {"weight": torch.cat([w for w, _ in rows]), "bias": torch.cat([b for _, b in rows])}
         if self.decay is not None and not self.decay.from_input:
             weights["log_g"] = self.decay.log_gates()

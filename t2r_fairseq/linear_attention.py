@@ -44,7 +44,7 @@ def _normalize(numerator: Tensor, denominator: Tensor, eps: float) -> Tensor:
     return numerator / (denominator.abs() + eps).unsqueeze(-1)
 
 
-def _normalize_packed(both: Tensor, eps: float) -> Tensor:
+def normalize_packed(both: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """[numerator | denominator]: (..., dim + 1) -> (..., dim)."""
     return _normalize(both[..., :-1], both[..., -1], eps)
 
@@ -131,7 +131,7 @@ def packed_causal_linear_attention(q: Tensor, k: Tensor, v1: Tensor, *, initial_
     numerator = numerator.view(batch, heads, n_chunks * chunk_size, width)[:, :, :time]
     # A copy, not a view: a state kept for decoding must not hold all the chunks' states alive.
     final = final.clone(memory_format=torch.contiguous_format)
-    return _normalize_packed(numerator, eps).to(out_dtype), final
+    return normalize_packed(numerator, eps).to(out_dtype), final
 
 
 def _segment_sums(x: Tensor) -> Tensor:
@@ -197,7 +197,7 @@ def packed_linear_attention_step(q: Tensor, k: Tensor, v1: Tensor, state: Option
         if log_g is not None:
             packed = packed * log_g.to(acc).exp()[..., None]
         packed = torch.addcmul(packed, kf.transpose(-1, -2), vf)
-    return _normalize_packed(qf @ packed, eps).to(v1.dtype), packed
+    return normalize_packed(qf @ packed, eps).to(v1.dtype), packed
 
 
 def linear_attention_step(q: Tensor, k: Tensor, v: Tensor, state: Optional[State] = None, *,
@@ -261,4 +261,4 @@ def packed_linear_attention_state(k: Tensor, v1: Tensor) -> Tensor:
 
 def packed_linear_attention_read(q: Tensor, packed: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     """Read a fixed packed state with queries q: (batch, heads, time, features) -> (batch, heads, time, dim)."""
-    return _normalize_packed(q.to(packed.dtype) @ packed, eps).to(q.dtype)
+    return normalize_packed(q.to(packed.dtype) @ packed, eps).to(q.dtype)

@@ -22,6 +22,7 @@ from .feature_maps import FEATURE_MAPS
 logger = logging.getLogger(__name__)
 
 CROSS_ATTENTION = ("t2r", "softmax")
+UPDATES = ("add", "delta")
 
 
 @dataclass
@@ -59,6 +60,12 @@ class T2RConfig(FairseqDataclass):
                                      "softmax to the last W positions (itself included) and linearly to older "
                                      "ones, in one normalisation with a learned per-head balance (LoLCATs); "
                                      "decoding keeps the last W keys beside the state. 0 = off (the paper's)"})
+
+    t2r_update: ChoiceEnum(UPDATES) = field(
+        default="add", metadata={"help": "how T2R self-attention writes its state: add (the paper's, S += phi(k) v^T) "
+                                         "or delta (the delta rule: read what S holds for the unit-norm key and "
+                                         "replace a learned share b_t of it by v_t; with --t2r-decay gated, Gated "
+                                         "DeltaNet)"})
 
 
 # Every T2R flag's default, by field name (FairseqDataclass's own `_name` is not a flag).
@@ -132,6 +139,7 @@ class T2ROptions:
     cross_feature_dim: int
     decay: str  # of the T2R self-attention state
     window: int  # of T2R self-attention: softmax over the last `window` positions; 0 = off
+    update: str  # how T2R self-attention writes its state: add or delta
 
 
 class T2ROptionError(T2RUsageError):
@@ -202,10 +210,24 @@ def _cross_features(args, feature_map: str, feature_dim: int, cross_attention: s
     return cross_map, cross_dim
 
 
+def _update(args, softmax_layers: FrozenSet[int], window: int) -> str:
+    update = _choice(args, "t2r_update", UPDATES)
+    if update == "add":
+        return update
+    if len(softmax_layers) == args.decoder_layers:
+        raise T2ROptionError(f"--t2r-update {update} sets how T2R self-attention writes its state, and every decoder "
+                             f"layer keeps softmax self-attention (--t2r-softmax-layers): drop one of them")
+    if window:
+        raise T2ROptionError(f"--t2r-update {update} with --t2r-window {window}: the window's ring hands the key "
+                             f"leaving it to an additive state, and the delta rule would have to write it: drop one")
+    return update
+
+
 def t2r_options(args) -> T2ROptions:
     """The checked T2R options of model args (argparse Namespace or fairseq config; missing
     options take T2RConfig's defaults). Raises T2ROptionError naming the flag."""
     softmax_layers = _softmax_layers(args)
+    window = _window(args, softmax_layers)
     feature_map = _choice(args, "t2r_feature_map", FEATURE_MAPS)
     feature_dim = _positive_int(args, "t2r_feature_dim")
     cross_attention = _choice(args, "t2r_cross_attention", CROSS_ATTENTION)
@@ -218,4 +240,5 @@ def t2r_options(args) -> T2ROptions:
                       cross_feature_map=cross_map,
                       cross_feature_dim=cross_dim,
                       decay=_decay(args, softmax_layers),
-                      window=_window(args, softmax_layers))
+                      window=window,
+                      update=_update(args, softmax_layers, window))

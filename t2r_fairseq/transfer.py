@@ -21,9 +21,10 @@ from .errors import T2RUsageError
 from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
 from .options import set_t2r_defaults
 
-# What a softmax transformer does not have: the feature maps, the decay of the state (decay.py) and
-# the window's balance between its softmax and linear parts (window_attention.py).
-NEW_KEY_MARKERS = (".feature_map.", ".decay.", ".log_balance")
+# What a softmax transformer does not have: the feature maps, the decay of the state (decay.py), the
+# window's balance between its softmax and linear parts (window_attention.py) and the delta rule's
+# write strength (delta_rule.py).
+NEW_KEY_MARKERS = (".feature_map.", ".decay.", ".log_balance", ".write_strength.")
 
 
 def is_new_tensor(name: str) -> bool:

@@ -98,3 +98,49 @@ def test_long_inputs_stay_finite_and_bounded(dtype):
     assert state.dtype == torch.float32 and out.dtype == dtype
     assert torch.isfinite(out.float()).all() and torch.isfinite(state).all()
     assert state.abs().max() < 100 and out.float().abs().max() < 1000
+
+
+# -- the delta rule as T2R self-attention (--t2r-update delta) -------------------------------------
+def test_padded_positions_write_nothing_into_a_delta_state():
+    """Left padding (generation with prefixes): the real tokens' outputs and the final state are the
+    unpadded input's, with gated decay too."""
+    from helpers import TINY_LM, build_model
+
+    model, _ = build_model("t2r_lm", TINY_LM + ["--t2r-update", "delta", "--t2r-decay", "gated"])
+    attn = model.decoder.layers[0].self_attn
+    torch.nn.init.normal_(attn.write_strength.weight, std=0.1)  # positions write with different strengths
+    x = torch.randn(8, 1, 32)
+    xp = torch.cat([torch.randn(3, 1, 32), x], dim=0)
+    padding = torch.tensor([[True] * 3 + [False] * 8])
+    with torch.no_grad():
+        state, state_p = {}, {}
+        out, _ = attn(x, x, x, incremental_state=state)
+        out_p, _ = attn(xp, xp, xp, key_padding_mask=padding, incremental_state=state_p)
+    torch.testing.assert_close(out_p[3:], out, rtol=1e-5, atol=1e-5)
+    saved, saved_p = (attn._get_input_buffer(s)["state"] for s in (state, state_p))
+    torch.testing.assert_close(saved_p, saved, rtol=1e-5, atol=1e-6)
+
+
+def test_conversion_names_the_write_strengths(tmp_path):
+    from helpers import TINY_LM, TINY_LM_SOFTMAX, build_model
+
+    from t2r_fairseq.transfer import transfer_softmax_weights
+
+    teacher, _ = build_model("transformer_lm", TINY_LM_SOFTMAX)
+    student, _ = build_model("t2r_lm", TINY_LM + ["--t2r-update", "delta"])
+    new = transfer_softmax_weights(student, teacher.state_dict())
+    assert set(new) == {f"decoder.layers.{i}.self_attn.{name}.{p}" for i in range(2)
+                        for name in ("feature_map", "write_strength") for p in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--t2r-update", "delta", "--t2r-window", 4], "--t2r-update delta with --t2r-window 4"),
+    (["--t2r-update", "delta", "--t2r-softmax-layers", "0,1"], "--t2r-update delta sets how T2R self-attention"),
+])
+def test_bad_combinations_are_one_line(flags, expect):
+    from helpers import TINY_LM, build_model
+
+    from t2r_fairseq.options import T2ROptionError
+
+    with pytest.raises(T2ROptionError, match=expect):
+        build_model("t2r_lm", TINY_LM + flags)
