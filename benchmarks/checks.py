@@ -2,7 +2,7 @@
 something else would make every ratio meaningless. (The attention math alone: tests/test_linear_attention.py.)"""
 import torch
 
-from .models import prefill, t2r_twin
+from .models import one_chunk, prefill, t2r_twin
 
 
 def _diff(*pairs):
@@ -25,9 +25,9 @@ def run_checks(models, *, vocab, prefix=96, steps=8, seed=0, log=print):
                         _diff((t2r.decoder(tokens)[0], plain.decoder(tokens)[0])), 1e-3))
     # Training: chunked vs one chunk (the T x T form) on a layer, outputs and input gradients.
     x = torch.randn(300, 2, t2r.decoder.embed_dim, generator=g)
-    for name in ("t2r", "t2r_window"):
+    for name in ("t2r", "t2r_window", "t2r_gated_delta"):
         grads = []
-        for model in (models[name], t2r_twin(models[name], chunk_size=300)):
+        for model in (models[name], one_chunk(models[name], 300)):
             xi = x.clone().requires_grad_()
             out = model.decoder.layers[0](xi)[0]
             out.backward(torch.ones_like(out))

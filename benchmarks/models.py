@@ -19,7 +19,8 @@ USER_DIR = str(pathlib.Path(__file__).resolve().parents[1] / "t2r_fairseq")
 WINDOW = 64
 # Each option's initialisation draws no random numbers: every t2r model gets the same feature maps.
 VARIANTS = {"t2r_fixed": ["--t2r-decay", "fixed"], "t2r_learned": ["--t2r-decay", "learned"],
-            "t2r_gated": ["--t2r-decay", "gated"], "t2r_window": ["--t2r-window", WINDOW]}
+            "t2r_gated": ["--t2r-decay", "gated"], "t2r_window": ["--t2r-window", WINDOW],
+            "t2r_delta": ["--t2r-update", "delta"], "t2r_gated_delta": ["--t2r-update", "delta", "--t2r-decay", "gated"]}
 
 
 class FloorAttention(MultiheadAttention):
@@ -68,6 +69,15 @@ def t2r_twin(model, **options):
     """A copy of the T2R `model` (no decay) with other self-attention options (chunk_size, fold_feature_map)."""
     return with_self_attention(model, lambda old: T2RSelfAttention(
         old.embed_dim, old.num_heads, feature_dim=old.feature_map.feature_dim, window=old.window, **options))
+
+
+def one_chunk(model, length):
+    """A copy of `model` whose T2R self-attention runs the parallel form in chunks of `length` (one chunk:
+    the T x T form), every other option (decay, window, update) as it is."""
+    copied = copy.deepcopy(model)
+    for layer in copied.decoder.layers:
+        layer.self_attn.form.chunk_size = length
+    return copied
 
 
 def prefill(model, tokens, chunk=256):

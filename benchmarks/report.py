@@ -15,7 +15,7 @@ from .models import WINDOW
 # Per variant (models.VARIANTS): its decode step / the floor's, at the shortest and the longest prefix, every
 # batch; one layer's forward + backward at length 4096 / plain chunked T2R's.
 VARIANT_TARGETS = {"t2r_fixed": (1.05, 1.3), "t2r_learned": (1.05, 1.3), "t2r_gated": (1.15, 1.3),
-                   "t2r_window": (1.2, 1.5)}
+                   "t2r_window": (1.2, 1.5), "t2r_delta": (1.15, 2.0), "t2r_gated_delta": (1.15, 2.0)}
 VARIANTS_TITLE = f"decay of the state (--t2r-decay), sliding window (--t2r-window {WINDOW})"
 FLAT = 1.10  # target: decode step after the longest prefix / after the shortest
 LABELS = {"softmax": "softmax", "t2r": "T2R", "floor": "floor"}

@@ -7,7 +7,8 @@ from helpers import ROOT, run
 
 QUICK_LENGTHS, QUICK_BATCHES, QUICK_MEMORY_LENGTHS = [64, 512], [1, 4], [32, 128]
 DECAYS = ("t2r_fixed", "t2r_learned", "t2r_gated")
-VARIANTS = (*DECAYS, "t2r_window")  # benchmarks.models.VARIANTS: t2r with a decay, with a sliding window (W=64)
+# benchmarks.models.VARIANTS: t2r with a decay, with a sliding window (W=64), with the delta rule (and gated decay)
+VARIANTS = (*DECAYS, "t2r_window", "t2r_delta", "t2r_gated_delta")
 
 
 def _table(markdown, head):
