@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import MODEL, TRAIN, USER_DIR, run
+from helpers import MODEL, ROOT, TRAIN, USER_DIR, run
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,20 @@ def test_train_on_sentences_with_sample_break_mode_eos(lm_workdir):
     sizes = [float(x) for x in re.findall(r"train_inner \|.*? bsz=([0-9.]+)", log)]
     assert sizes and min(sizes) > 512 / 64, log[-3000:]
     assert (save / "checkpoint_last.pt").is_file()
+
+
+def test_without_the_plugin_fairseq_fails_as_the_readme_says(lm_workdir, t2r_lm):
+    """README's Troubleshooting names the ways fairseq fails on a T2R checkpoint without --user-dir (or
+    import t2r_fairseq): each is what fairseq prints today, so the page helps whoever searches for it."""
+    checkpoint = t2r_lm / "checkpoint_last.pt"
+    readme = (ROOT / "README.md").read_text()
+    eval_lm = run(["fairseq-eval-lm", lm_workdir / "bin", "--path", checkpoint, "--cpu"], check=False)
+    generate = run(["fairseq-generate", lm_workdir / "bin", "--task", "language_modeling", "--path", checkpoint,
+                    "--cpu"], check=False)
+    hub = run([sys.executable, "-c", "from fairseq.models.transformer_lm import TransformerLanguageModel as LM; "
+               f"LM.from_pretrained({str(t2r_lm)!r}, 'checkpoint_last.pt', data_name_or_path="
+               f"{str(lm_workdir / 'bin')!r})"], check=False)
+    message = "KeyError: \"'_name'\""
+    assert message in readme
+    for proc in (eval_lm, generate, hub):
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1500:]
