@@ -32,13 +32,14 @@ def test_quick_benchmark_writes_every_table(tmp_path, monkeypatch):
         assert data[name]["header"]["load_start"] >= 0 and data[name]["header"]["load_end"] >= 0
 
     # Numerical checks (every model including each variant, the folded T2R fast path, the chunked training
-    # form of t2r and t2r_window) ran before timing, all within tolerance.
+    # form of t2r, t2r_window and t2r_gated_delta) ran before timing, all within tolerance.
     for name in ("bench_decode", "bench_train"):
         checks = _table(md[name], "| check |")
         assert [row[0].split(":")[0] for row in checks if "incremental steps" in row[0]] == [
             "softmax", "t2r", "floor", *VARIANTS]
-        assert [row[0].split()[0] for row in checks if "chunked vs naive" in row[0]] == ["t2r", "t2r_window"]
-        assert len(checks) == 10 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
+        assert [row[0].split()[0] for row in checks if "chunked vs naive" in row[0]] == [
+            "t2r", "t2r_window", "t2r_gated_delta"]
+        assert len(checks) == 3 + len(VARIANTS) + 1 + 3 and all(float(diff) <= float(tol) for _, diff, tol in checks), checks
 
     decode = data["bench_decode"]
     grid = [(b, n) for b in QUICK_BATCHES for n in QUICK_LENGTHS]
