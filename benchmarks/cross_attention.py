@@ -92,6 +92,11 @@ def crossing(rows):
     return next((n for n in faster if all(m in faster for m in lengths if m >= n)), None)
 
 
+def verdict(crossing) -> str:
+    return (f"T2R cross-attention is the cheaper from {crossing} source tokens on" if crossing
+            else "T2R cross-attention was the cheaper at no measured length")
+
+
 def table(rows) -> str:
     by = {(r["source_length"], r["model"]): r["ms_per_sentence"] for r in rows}
     lines = ["| source tokens | T2R cross-attention (ms/sentence) | softmax cross-attention (ms/sentence) | "
@@ -159,8 +164,7 @@ def main(argv=None):
         crossing=crossing(rows), rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cross_attention.json").write_text(json.dumps(result, indent=1) + "\n")
-    where = (f"T2R cross-attention is the cheaper from {result['crossing']} source tokens on"
-             if result["crossing"] else "T2R cross-attention was not the cheaper at any measured length")
+    where = verdict(result["crossing"])
     (args.out / "cross_attention.md").write_text(
         f"# Generation cost against source length\n\n`{result['command']}` on {result['machine']}; 1-minute load "
         f"average {result['load_start']:.2f} at the start, {result['load_end']:.2f} at the end.\n{result['shape']}; "

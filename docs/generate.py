@@ -117,11 +117,16 @@ MULTI30K_ROWS = (
     ("t2r_window_distill", "T2R + pretrain, window 64 + attention transfer and KL (weight 0.5) from the start"),
     ("t2r_softmax_cross", "T2R + pretrain, cross-attention kept softmax"),
     ("elu_pretrain", "ELU + pretrain"),
+    ("t2r_cross64", "T2R + pretrain, cross-attention k = 64"),
+    ("t2r_cross128", "T2R + pretrain, cross-attention k = 128"),
+    ("t2r_cross_hedgehog", "T2R + pretrain, Hedgehog cross-attention map (2 x 32 features)"),
+    ("t2r_cross_transfer", "T2R + pretrain, cross-attention k = 128, attention transfer from the start"),
+    ("t2r_cross_only_transfer", "T2R + pretrain, cross-attention k = 128, cross-attention transfer alone"),
 )
 
 
-def multi30k():
-    data = _load("multi30k.json")
+def multi30k(name="multi30k.json"):
+    data = _load(name)
     continued = data.get("teacher_continued", {}).get("bleu")
     lines = ["| row | init | updates | valid nll | test BLEU | vs teacher trained on | sentences/s |",
              "|---|---|---|---|---|---|---|"]
@@ -161,6 +166,16 @@ WIKITEXT2_ROWS = (
     ("t2r_window_gated", "T2R + pretrain, softmax window 64 + linear, gated decay", "32"),
     ("t2r_window_distill", "T2R + pretrain, softmax window 64 + linear, attention transfer + KL to the teacher", "32"),
 )
+
+
+def cross_attention():
+    from benchmarks.cross_attention import table, verdict
+
+    data = _load("cross_attention.json")
+    return (table(data["rows"]) + f"\n\n`{data['command']}` on {data['machine']}; {data['shape']}; beam "
+            f"{data['beam']}, {data['output_length']} target tokens, {data['batch']} sentences per call; 1-minute "
+            f"load average {data['load_start']:.2f} at the start, {data['load_end']:.2f} at the end. "
+            f"{verdict(data['crossing'])}.\n")
 
 
 def _carried(row):
@@ -291,6 +306,7 @@ def draw_figure(path=FIGURE):
 
 GENERATORS = {"headline": headline, "demo-console": demo_console, "demo-tables": demo_tables,
               "bench-decode": bench_decode, "generation-memory": generation_memory, "multi30k": multi30k,
+              "multi30k-cross": lambda: multi30k("multi30k_cross.json"), "cross-attention": cross_attention,
               "wikitext2": wikitext2}
 
 
