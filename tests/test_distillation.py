@@ -100,22 +100,14 @@ def test_transfer_only_updates_train_self_and_cross_attention_feature_maps(mt):
     assert _moved(before, model) == maps
 
 
-def test_cross_attention_alone_is_transferred_when_self_attention_stays_softmax(mt):
-    _, model, criterion, sample = _setup(mt, "--t2r-softmax-layers", "0,1", "--attention-transfer-only-updates", 2)
-    model.train()
-    _, _, log = criterion(model, sample)
-    assert log["transfer_loss"] > 0
-    before = {name: value.clone() for name, value in model.state_dict().items()}
-    _train(model, criterion, sample, 2)
-    assert _moved(before, model) == {f"decoder.layers.{i}.encoder_attn.feature_map.{p}" for i in range(2)
-                                     for p in ("weight", "bias")}
-
-
-def test_cross_attention_only_transfer_moves_only_cross_attention_feature_maps(mt):
-    """--attention-transfer-modules cross: the transfer term reads cross-attention alone, so in the
-    transfer-only updates self-attention's feature maps get no gradient and stay put."""
-    _, model, criterion, sample = _setup(mt, "--attention-transfer-modules", "cross",
-                                         "--attention-transfer-only-updates", 2)
+@pytest.mark.parametrize("flags", [
+    ("--t2r-softmax-layers", "0,1"),  # self-attention kept softmax: cross-attention is all there is to transfer
+    ("--attention-transfer-modules", "cross"),  # the transfer term reads cross-attention alone
+])
+def test_cross_attention_alone_is_transferred(mt, flags):
+    """In the transfer-only updates only cross-attention's feature maps move: self-attention's get
+    no gradient (or are softmax)."""
+    _, model, criterion, sample = _setup(mt, *flags, "--attention-transfer-only-updates", 2)
     model.train()
     _, _, log = criterion(model, sample)
     assert log["transfer_loss"] > 0
