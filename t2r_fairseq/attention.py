@@ -18,7 +18,7 @@ import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from .decay import build_decay
+from .decay import DEFAULT_MEMORY, build_decay
 from .delta_rule import chunked_delta_rule, delta_rule_step
 from .feature_maps import T2RFeatureMap, build_feature_map
 from .linear_attention import (DEFAULT_CHUNK_SIZE, accumulation_dtype, normalize_packed, packed_causal_linear_attention,
@@ -168,18 +168,28 @@ class DeltaForm(LinearForm):
     """The delta rule (delta_rule.py) on the packed [S | z]: each position first reads what the state
     holds for its key and replaces b_t of it (z, the normaliser, follows the same update), so the state
     can overwrite instead of only adding. Keys and queries are the features, L2-normalised (unit keys
-    make each step a contraction). The read-out is T2R's: numerator over normaliser, from one product.
-    Its state is the linear form's, "state" in the buffer."""
+    make each step a contraction). The read-out is T2R's, numerator over normaliser from one product,
+    or with readout_norm (--t2r-update delta_norm) DeltaNet's: the numerator alone through a per-head
+    RMS norm. Its state is the linear form's, "state" in the buffer."""
+
+    def __init__(self, chunk_size: int, readout_norm: Optional[nn.Module] = None):
+        super().__init__(chunk_size)
+        self.readout_norm = readout_norm
 
     def parallel(self, p: Projection, state: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         q, k = _unit(p.q), _unit(p.k)
         out, state = chunked_delta_rule(q, k, p.v1, p.beta, initial_state=state, log_g=p.log_g,
                                         chunk_size=self.chunk_size)
-        return normalize_packed(out), state
+        return self._read(out), state
 
     def step(self, p: Projection, state: Optional[Tensor], inplace: bool) -> Tuple[Tensor, Tensor]:
         out, state = delta_rule_step(_unit(p.q), _unit(p.k), p.v1, p.beta, state, log_g=p.log_g, inplace=inplace)
-        return normalize_packed(out), state
+        return self._read(out), state
+
+    def _read(self, packed: Tensor) -> Tensor:
+        if self.readout_norm is None:
+            return normalize_packed(packed)
+        return self.readout_norm(packed[..., :-1])  # DeltaNet's: S q, then the per-head RMS norm
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -246,15 +256,17 @@ class T2RSelfAttention(_LinearAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, *, feature_map: str = "t2r", feature_dim: int = 32,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, fold_feature_map: bool = True, decay: str = "none",
-                 window: int = 0, update: str = "add"):
+                 window: int = 0, update: str = "add", decay_memory: int = DEFAULT_MEMORY):
         super().__init__(embed_dim, num_heads, feature_map=feature_map, feature_dim=feature_dim)
         if window and update != "add":
             raise ValueError("a window's ring hands its oldest key to an additive state; the delta rule has no window")
         self.window = window
-        self.form = (WindowForm(window, chunk_size) if window else DeltaForm(chunk_size) if update == "delta"
-                     else LinearForm(chunk_size))
+        # DeltaNet's read-out normalises each head's output to a learned RMS (gain 1 at first).
+        self.readout_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if update == "delta_norm" else None
+        self.form = (WindowForm(window, chunk_size) if window else LinearForm(chunk_size) if update == "add"
+                     else DeltaForm(chunk_size, self.readout_norm))
         self.folded = fold_feature_map and isinstance(self.feature_map, T2RFeatureMap) and not self.form.reads_raw_qk
-        self.decay = build_decay(decay, num_heads, embed_dim)
+        self.decay = build_decay(decay, num_heads, embed_dim, decay_memory)
         if window:
             # beta = 1 / features: phi(q).phi(k) sums that many products, so one older key starts on the
             # scale of a softmax key scoring ~0 and the window's high-scoring keys dominate a converted
@@ -265,7 +277,7 @@ class T2RSelfAttention(_LinearAttention):
         # The delta rule's write strength b_t = sigmoid(w . x_t + b) per head, in the fused input matmul.
         # Zero weight: every position starts writing half of the difference; gradients still reach it.
         self.write_strength = None
-        if update == "delta":
+        if update != "add":
             self.write_strength = nn.Linear(embed_dim, num_heads)
             nn.init.zeros_(self.write_strength.weight)
             nn.init.zeros_(self.write_strength.bias)

@@ -6,10 +6,12 @@ S_t = g_t S_{t-1} + phi(k_t) v_t^T and z_t = g_t z_{t-1} + phi(k_t) (linear_atte
     gated    g_t from the layer input at each position (as GLA, Mamba-2): log g_t = logsigmoid(w_h.x_t + b_h);
              w and b are rows of the attention's fused input projection, so the gate costs no extra matmul
 
-learned and gated start close to 1, g_h = 1 - 2^-(8 + h) (and w = 0): a model converted from a
-softmax checkpoint starts where plain T2R starts. Log-gates are computed in at least float32
+learned and gated start close to 1, g_h = 1 - 1/(M 2^h) (and w = 0): head h first remembers about
+M 2^h tokens (--t2r-decay-memory M, default 256), so a model converted from a softmax checkpoint
+starts where plain T2R starts. Log-gates are computed in at least float32
 whatever the weights' dtype: 1 - g is below half precision's resolution near 1.
 """
+import math
 from typing import Optional
 
 import torch
@@ -20,7 +22,7 @@ from .linear_attention import accumulation_dtype
 DECAYS = ("none", "fixed", "learned", "gated")
 
 FIXED_FIRST_EXPONENT = 5     # RetNet: g = 1 - 2^-5 (memory ~32 tokens) for the first head, ...
-LEARNED_FIRST_EXPONENT = 8   # ... and 1 - 2^-8 (~256 tokens) for the first learned or gated one
+DEFAULT_MEMORY = 256        # ... and 1 - 1/256 for the first learned or gated one (--t2r-decay-memory)
 
 
 def _head_exponents(num_heads: int, first: int) -> Tensor:
@@ -52,9 +54,9 @@ class LearnedDecay(nn.Module):
     """One trainable gate per head, g = sigmoid(logit)."""
     from_input = False
 
-    def __init__(self, num_heads: int):
+    def __init__(self, num_heads: int, memory: int = DEFAULT_MEMORY):
         super().__init__()
-        self.logit = nn.Parameter(_logit(_head_exponents(num_heads, LEARNED_FIRST_EXPONENT)))
+        self.logit = nn.Parameter(_logit(_head_exponents(num_heads, math.log2(memory))))
 
     def log_gates(self, gate_logits: Optional[Tensor] = None) -> Tensor:
         """-> (1, heads, 1), to broadcast over batch and time."""
@@ -67,25 +69,26 @@ class GatedDecay(nn.Module):
     passes those logits to log_gates."""
     from_input = True
 
-    def __init__(self, num_heads: int, embed_dim: int):
+    def __init__(self, num_heads: int, embed_dim: int, memory: int = DEFAULT_MEMORY):
         super().__init__()
         # Zero weight: every position starts with the same gate, close to 1; gradients still reach it.
         self.weight = nn.Parameter(torch.zeros(num_heads, embed_dim))
-        self.bias = nn.Parameter(_logit(_head_exponents(num_heads, LEARNED_FIRST_EXPONENT)))
+        self.bias = nn.Parameter(_logit(_head_exponents(num_heads, math.log2(memory))))
 
     def log_gates(self, gate_logits: Optional[Tensor] = None) -> Tensor:
         """gate_logits: (time, batch, heads) -> (batch, heads, time)."""
         return nn.functional.logsigmoid(gate_logits.to(accumulation_dtype(gate_logits))).permute(1, 2, 0)
 
 
-def build_decay(name: str, num_heads: int, embed_dim: int) -> Optional[nn.Module]:
-    """The decay module for --t2r-decay `name`; None for none (no decay, no tensors)."""
+def build_decay(name: str, num_heads: int, embed_dim: int, memory: int = DEFAULT_MEMORY) -> Optional[nn.Module]:
+    """The decay module for --t2r-decay `name` (learned and gated first remembering ~memory 2^h
+    tokens in head h); None for none (no decay, no tensors)."""
     if name == "none":
         return None
     if name == "fixed":
         return FixedDecay(num_heads)
     if name == "learned":
-        return LearnedDecay(num_heads)
+        return LearnedDecay(num_heads, memory)
     if name == "gated":
-        return GatedDecay(num_heads, embed_dim)
+        return GatedDecay(num_heads, embed_dim, memory)
     raise ValueError(f"unknown --t2r-decay {name!r}; choose one of {', '.join(DECAYS)}")

@@ -37,7 +37,8 @@ class T2RDecoderLayer(TransformerDecoderLayerBase):
             return super().build_self_attention(embed_dim, cfg, add_bias_kv, add_zero_attn)
         return T2RSelfAttention(embed_dim, cfg.decoder.attention_heads, feature_map=self.options.feature_map,
                                 feature_dim=self.options.feature_dim, chunk_size=self.options.chunk_size,
-                                decay=self.options.decay, window=self.options.window, update=self.options.update)
+                                decay=self.options.decay, window=self.options.window, update=self.options.update,
+                                decay_memory=self.options.decay_memory)
 
     def build_encoder_attention(self, embed_dim, cfg):
         if self.options.cross_attention == "softmax":

@@ -14,15 +14,15 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import safe_getattr
 from omegaconf import OmegaConf, open_dict
 
-from .decay import DECAYS
 from .checkpoints import load_checkpoint
+from .decay import DECAYS, DEFAULT_MEMORY
 from .errors import T2RUsageError
 from .feature_maps import FEATURE_MAPS
 
 logger = logging.getLogger(__name__)
 
 CROSS_ATTENTION = ("t2r", "softmax")
-UPDATES = ("add", "delta")
+UPDATES = ("add", "delta", "delta_norm")
 
 
 @dataclass
@@ -55,6 +55,10 @@ class T2RConfig(FairseqDataclass):
                                           "none (the paper's), fixed (a constant per head, RetNet's), learned "
                                           "(one trainable g per head) or gated (g_t from each position's "
                                           "input, as GLA); learned and gated start close to 1"})
+    t2r_decay_memory: int = field(
+        default=DEFAULT_MEMORY, metadata={"help": "where learned and gated decay start: head h first remembers about "
+                                                  "M 2^h tokens, g_h = 1 - 1/(M 2^h); longer memories suit a state "
+                                                  "carried across a long text"})
     t2r_window: int = field(
         default=0, metadata={"help": "sliding window W of T2R self-attention: each position attends with exact "
                                      "softmax to the last W positions (itself included) and linearly to older "
@@ -65,7 +69,9 @@ class T2RConfig(FairseqDataclass):
         default="add", metadata={"help": "how T2R self-attention writes its state: add (the paper's, S += phi(k) v^T) "
                                          "or delta (the delta rule: read what S holds for the unit-norm key and "
                                          "replace a learned share b_t of it by v_t; with --t2r-decay gated, Gated "
-                                         "DeltaNet)"})
+                                         "DeltaNet; read out through T2R's normaliser) or delta_norm (the same "
+                                         "state, read out as DeltaNet does: unnormalised, then a per-head RMS "
+                                         "norm)"})
 
 
 # Every T2R flag's default, by field name (FairseqDataclass's own `_name` is not a flag).
@@ -140,6 +146,7 @@ class T2ROptions:
     decay: str  # of the T2R self-attention state
     window: int  # of T2R self-attention: softmax over the last `window` positions; 0 = off
     update: str  # how T2R self-attention writes its state: add or delta
+    decay_memory: int  # tokens the first head of a learned or gated decay remembers at first
 
 
 class T2ROptionError(T2RUsageError):
@@ -181,6 +188,15 @@ def _decay(args, softmax_layers: FrozenSet[int]) -> str:
                              f"keeps softmax self-attention (--t2r-softmax-layers); cross-attention has no time "
                              f"order to decay over: drop --t2r-decay or a layer from --t2r-softmax-layers")
     return decay
+
+
+def _decay_memory(args) -> int:
+    memory = _positive_int(args, "t2r_decay_memory")
+    decay = _choice(args, "t2r_decay", DECAYS)
+    if memory != DEFAULT_MEMORY and decay not in ("learned", "gated"):
+        raise T2ROptionError(f"--t2r-decay-memory {memory} sets where a learned or gated decay starts, and --t2r-decay "
+                             f"{decay} has none to start: add --t2r-decay gated (or learned) or drop it")
+    return memory
 
 
 def _window(args, softmax_layers: FrozenSet[int]) -> int:
@@ -241,4 +257,5 @@ def t2r_options(args) -> T2ROptions:
                       cross_feature_dim=cross_dim,
                       decay=_decay(args, softmax_layers),
                       window=window,
-                      update=_update(args, softmax_layers, window))
+                      update=_update(args, softmax_layers, window),
+                      decay_memory=_decay_memory(args))

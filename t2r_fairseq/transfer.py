@@ -24,7 +24,7 @@ from .options import set_t2r_defaults
 # What a softmax transformer does not have: the feature maps, the decay of the state (decay.py), the
 # window's balance between its softmax and linear parts (window_attention.py) and the delta rule's
 # write strength (delta_rule.py).
-NEW_KEY_MARKERS = (".feature_map.", ".decay.", ".log_balance", ".write_strength.")
+NEW_KEY_MARKERS = (".feature_map.", ".decay.", ".log_balance", ".write_strength.", ".readout_norm.")
 
 
 def is_new_tensor(name: str) -> bool:

@@ -295,6 +295,26 @@ def test_trainable_gates_start_close_to_one(decay):
     assert torch.equal(log_g, log_g[:1, :, :1].expand_as(log_g))
 
 
+@pytest.mark.parametrize("decay", ["learned", "gated"])
+def test_decay_memory_sets_where_the_gates_start(decay):
+    """--t2r-decay-memory M: head h starts at g = 1 - 1/(M 2^h), from the command line down."""
+    model, _ = build_model("t2r_lm", TINY_LM + ["--t2r-decay", decay, "--t2r-decay-memory", "2048"])
+    attn = model.decoder.layers[0].self_attn
+    x = torch.randn(3, 1, attn.embed_dim)
+    log_g = attn._project(x, None, None)[3].expand(1, attn.num_heads, 3)[0, :, 0].double()
+    expected = torch.log1p(-1 / (2048 * 2.0 ** torch.arange(attn.num_heads, dtype=torch.float64)))
+    torch.testing.assert_close(log_g, expected, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("decay", ["none", "fixed"])
+def test_decay_memory_without_a_trainable_decay_is_one_clear_error(decay):
+    from t2r_fairseq.options import T2ROptionError
+
+    with pytest.raises(T2ROptionError, match=f"--t2r-decay-memory 2048 sets where a learned or gated decay starts, "
+                                             f"and --t2r-decay {decay} has none"):
+        build_model("t2r_lm", TINY_LM + ["--t2r-decay", decay, "--t2r-decay-memory", "2048"])
+
+
 def test_fixed_gates_survive_half_precision():
     """The fixed buffer holds exponents (exact in any dtype): a half-precision model uses the same gates."""
     attn = T2RSelfAttention(16, 4, feature_dim=4, decay="fixed")

@@ -121,21 +121,46 @@ def test_padded_positions_write_nothing_into_a_delta_state():
     torch.testing.assert_close(saved_p, saved, rtol=1e-5, atol=1e-6)
 
 
-def test_conversion_names_the_write_strengths(tmp_path):
+@pytest.mark.parametrize("update", ["delta", "delta_norm"])
+def test_conversion_names_the_write_strengths(update):
     from helpers import TINY_LM, TINY_LM_SOFTMAX, build_model
 
     from t2r_fairseq.transfer import transfer_softmax_weights
 
     teacher, _ = build_model("transformer_lm", TINY_LM_SOFTMAX)
-    student, _ = build_model("t2r_lm", TINY_LM + ["--t2r-update", "delta"])
+    student, _ = build_model("t2r_lm", TINY_LM + ["--t2r-update", update])
     new = transfer_softmax_weights(student, teacher.state_dict())
-    assert set(new) == {f"decoder.layers.{i}.self_attn.{name}.{p}" for i in range(2)
-                        for name in ("feature_map", "write_strength") for p in ("weight", "bias")}
+    names = {f"decoder.layers.{i}.self_attn.{name}.{p}" for i in range(2)
+             for name in ("feature_map", "write_strength") for p in ("weight", "bias")}
+    if update == "delta_norm":  # DeltaNet's read-out norm, a gain per head dimension
+        names |= {f"decoder.layers.{i}.self_attn.readout_norm.weight" for i in range(2)}
+    assert set(new) == names
+
+
+def test_delta_norm_reads_out_at_the_norms_scale():
+    # DeltaNet's read-out: each head's output has RMS = the norm's gain (1 at first), whatever the
+    # values' scale; T2R's normaliser instead keeps the values' scale.
+    from helpers import TINY_LM, build_model
+
+    model, _ = build_model("t2r_lm", TINY_LM + ["--t2r-update", "delta_norm"])
+    attn = model.decoder.layers[0].self_attn
+    x = torch.randn(7, 2, attn.embed_dim)
+    heads = {}
+    attn.out_proj.register_forward_hook(lambda m, inputs, out: heads.setdefault("in", inputs[0]))
+    with torch.no_grad():
+        attn.v_proj.weight.mul_(100.0)
+        attn(x)
+    per_head = heads["in"].view(7, 2, attn.num_heads, attn.head_dim)
+    rms = per_head.pow(2).mean(-1).sqrt()
+    reading = rms > 0  # a query whose relu features are all off reads nothing: S q = 0
+    assert reading.float().mean() > 0.8
+    torch.testing.assert_close(rms[reading], torch.ones_like(rms[reading]), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("flags,expect", [
     (["--t2r-update", "delta", "--t2r-window", 4], "--t2r-update delta with --t2r-window 4"),
     (["--t2r-update", "delta", "--t2r-softmax-layers", "0,1"], "--t2r-update delta sets how T2R self-attention"),
+    (["--t2r-update", "delta_norm", "--t2r-window", 4], "--t2r-update delta_norm with --t2r-window 4"),
 ])
 def test_bad_combinations_are_one_line(flags, expect):
     from helpers import TINY_LM, build_model

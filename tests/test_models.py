@@ -46,6 +46,7 @@ CASES = {
     "wiki103_adaptive": ("t2r_lm_wiki103", TINY_WIKI103),
     "delta": ("t2r_lm", TINY_LM + ["--t2r-update", "delta"]),
     "gated_delta": ("t2r_lm", TINY_LM + ["--t2r-update", "delta", "--t2r-decay", "gated"]),
+    "gated_delta_norm": ("t2r_lm", TINY_LM + ["--t2r-update", "delta_norm", "--t2r-decay", "gated"]),
 }
 
 
@@ -69,7 +70,7 @@ def test_incremental_decoding_under_autograd_matches_too():
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["t2r", "hybrid", "gated_delta"])
+@pytest.mark.parametrize("case", ["t2r", "hybrid", "gated_delta", "gated_delta_norm"])
 def test_reorder_equals_decoding_permuted_batch(case):
     model, _ = build_model(*CASES[case])
     order = torch.tensor([2, 0, 3, 3])  # beam search also duplicates rows

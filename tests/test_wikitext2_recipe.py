@@ -3,10 +3,12 @@ size, on WikiText-style files written from Python's reference docs."""
 import json
 import sys
 
+import torch
+
 from helpers import ROOT, rerun_keeps_recorded_rows, run, write_corpus
 
 TINY = ["--vocab", 400, "--teacher-updates", 8, "--tokens-per-sample", 32, "--max-tokens", 256,
-        "--rows", "teacher,t2r_pretrain,hybrid_50,teacher_continued"]
+        "--rows", "teacher,t2r_pretrain,hybrid_50,teacher_continued,t2r_gated_then_carried"]
 
 
 def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
@@ -20,7 +22,8 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
            tmp_path / "work", "--results", results, *TINY]
     run(cmd, cwd=ROOT)
     recorded = json.loads(results.read_text())
-    assert set(recorded) == {"teacher", "t2r_pretrain", "hybrid_50", "teacher_continued", "setup"}
+    assert set(recorded) == {"teacher", "t2r_pretrain", "hybrid_50", "teacher_continued", "t2r_gated_then_carried",
+                             "setup"}
     # Finetunes (and the continued teacher) get a quarter of the teacher's updates.
     for name, updates in (("teacher", 8), ("t2r_pretrain", 2), ("hybrid_50", 2), ("teacher_continued", 2)):
         row = recorded[name]
@@ -31,6 +34,14 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
     assert 1.0 < recorded["t2r_pretrain"]["test_ppl_carried"] < 1e4
     assert "test_ppl_carried" not in recorded["hybrid_50"]
     assert "--teacher-updates 8" in recorded["setup"]["commands"]
+    # A two-stage row: its last update reads carried streams, resuming the first stage's run
+    # (update 1 of 2, Adam and the schedule restored) on the stream task, not starting a new one.
+    row = recorded["t2r_gated_then_carried"]
+    assert row["updates"] == 2 and row["carried_updates"] == 1 and 1.0 < row["test_ppl_carried"] < 1e4, row
+    assert "(epoch 1 @ 1 updates)" in (tmp_path / "work/logs/t2r_gated_then_carried.carried.train.log").read_text()
+    last = torch.load(tmp_path / "work/t2r_gated_then_carried/checkpoint_last.pt", map_location="cpu",
+                      weights_only=False)
+    assert last["optimizer_history"][-1]["num_updates"] == 2 and last["cfg"]["task"]["_name"] == "t2r_truncated_bptt_lm"
     rerun_keeps_recorded_rows(cmd, results, tmp_path / "work")
 
     # The hybrid trade-off's speed half: decode cost per row and prefix length.
@@ -40,3 +51,4 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
     for name in ("teacher", "hybrid_50", "t2r_pretrain"):
         costs = recorded[name]["decode_ms_per_token"]
         assert set(costs) == {"16", "48"} and all(ms > 0 for ms in costs.values()), costs
+

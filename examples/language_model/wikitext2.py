@@ -22,6 +22,8 @@ import datetime
 import pathlib
 import re
 import sys
+import time
+from typing import NamedTuple, Tuple
 
 from tools import kit
 from tools.kit import log
@@ -122,8 +124,17 @@ def parse_args(argv):
     return args
 
 
+class Carried(NamedTuple):
+    """A row's second stage: its last `updates` updates read contiguous streams with the state carried
+    across batches (`--task t2r_truncated_bptt_lm`), continuing the first stage's run (Adam's moments,
+    the learning-rate schedule and the update count are restored, not restarted); `extra` (e.g.
+    more streams of shorter blocks at the same tokens per update) is added to its options."""
+    updates: int
+    extra: Tuple[str, ...] = ()
+
+
 def row_options(args, teacher_ckpt):
-    """name: (fairseq-train options, updates, learning rate)."""
+    """name: (fairseq-train options, updates, learning rate[, Carried second stage])."""
     n_teacher = args.teacher_updates
     n_finetune = max(1, int(n_teacher * args.finetune_fraction))
     t2r = ["--user-dir", USER_DIR, "--task", "t2r_language_modeling", "--arch", "t2r_lm",
@@ -166,6 +177,17 @@ def row_options(args, teacher_ckpt):
         # next-token distribution (KL, weight 0.5).
         "t2r_window_distill": (t2r + convert + ["--t2r-window", "64", "--criterion", "t2r_attention_transfer",
                                                 "--distill-kl-weight", "0.5"], n_finetune, args.finetune_lr),
+        # A state that can overwrite (delta_rule.py): DeltaNet and Gated DeltaNet, read out through
+        # T2R's normaliser; and, to decide the read-out, Gated DeltaNet with DeltaNet's own (delta_norm).
+        "t2r_delta": (t2r + convert + ["--t2r-update", "delta"], n_finetune, args.finetune_lr),
+        "t2r_gated_delta": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated"], n_finetune,
+                            args.finetune_lr),
+        "t2r_gated_delta_norm": (t2r + convert + ["--t2r-update", "delta_norm", "--t2r-decay", "gated"], n_finetune,
+                                 args.finetune_lr),
+        # Carried state that pays off: independent blocks first, then the same run goes on with its
+        # state carried across the batches of contiguous streams (a third of the budget).
+        "t2r_gated_then_carried": (t2r + convert + ["--t2r-decay", "gated"], n_finetune, args.finetune_lr,
+                                   Carried(max(1, n_finetune // 3))),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
@@ -183,7 +205,8 @@ def main(argv=None):
     wanted = args.rows.split(",") if args.rows else list(rows)
 
     def run_row(name):
-        extra, updates, lr = rows[name]
+        extra, updates, lr, *stages = rows[name]
+        carried = stages[0] if stages else None
         if name in adopted:
             checkpoint = pathlib.Path(adopted[name])
             updates, minutes = adopted_progress(checkpoint, args.work / f"logs/{name}.train.log")
@@ -195,11 +218,23 @@ def main(argv=None):
             # Validation on a slice of valid only traces the curve; the reported numbers come from
             # fairseq-eval-lm on the full splits.
             streams = "t2r_truncated_bptt_lm" in extra
+            schedule = ["--validate-interval-updates", str(max(1, updates // 4)), "--max-valid-steps", "25",
+                        "--save-interval-updates", str(max(1, updates // 6)), "--keep-interval-updates", "1"]
+            first = updates - (carried.updates if carried else 0)
             _, minutes = kit.train_fresh(
-                [bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup, streams), "--max-update", str(updates),
-                 "--validate-interval-updates", str(max(1, updates // 4)), "--max-valid-steps", "25",
-                 "--save-interval-updates", str(max(1, updates // 6)), "--keep-interval-updates", "1"],
-                args.work / name, args.work / f"logs/{name}.train.log")
+                [bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup, streams), "--max-update", str(first),
+                 *schedule], args.work / name, args.work / f"logs/{name}.train.log")
+            if carried:
+                log(f"{name}: the same run goes on for {carried.updates} updates with its state carried")
+                stream_extra = [a if a != "t2r_language_modeling" else "t2r_truncated_bptt_lm" for a in extra]
+                start = time.time()
+                # fairseq resumes from the save dir's checkpoint_last.pt (--convert-from is then ignored);
+                # --reset-dataloader: the first stage's position in its own batches means nothing here.
+                kit.run_or_exit(["fairseq-train", bin_dir, *MODEL, *stream_extra,
+                                 *train_args(tps, mt, lr, warmup, streams=True), *carried.extra,
+                                 "--max-update", str(updates), *schedule, "--reset-dataloader",
+                                 "--save-dir", args.work / name], args.work / f"logs/{name}.carried.train.log")
+                minutes += (time.time() - start) / 60
         row = {"updates": updates, "minutes": round(minutes, 1)}
         for subset in ("valid", "test"):
             row[f"{subset}_ppl"] = round(evaluate(bin_dir, checkpoint, tps, subset,
@@ -208,7 +243,11 @@ def main(argv=None):
             row["feature_map"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-feature-map"), "t2r")
             row["feature_dim"] = args.feature_dim
             row["decay"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-decay"), "none")
-            row["carried_state_training"] = "t2r_truncated_bptt_lm" in extra
+            row["update"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-update"), "add")
+            row["carried_state_training"] = "t2r_truncated_bptt_lm" in extra or carried is not None
+            if carried:
+                row["carried_updates"] = carried.updates
+                row["carried_options"] = " ".join(carried.extra)
             row["window"] = int(next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-window"), 0))
         if name != "teacher":
             row["init"] = "teacher" if {"--convert-from", "--finetune-from-model"} & set(extra) else "random"
@@ -228,7 +267,7 @@ def main(argv=None):
 
     store.run_rows(wanted, rows, set(filter(None, args.force.split(","))), run_row, setup)
     # Unbounded-context scoring applies to rows whose every layer is recurrent.
-    for name, (extra, _, _) in rows.items():
+    for name, (extra, *_) in rows.items():
         results = store.load()
         recurrent = USER_DIR in extra and "--t2r-softmax-layers" not in extra
         if name in wanted and recurrent and name in results and "test_ppl_carried" not in results[name]:
