@@ -137,6 +137,7 @@ def row_options(args, teacher_ckpt):
     """name: (fairseq-train options, updates, learning rate[, Carried second stage])."""
     n_teacher = args.teacher_updates
     n_finetune = max(1, int(n_teacher * args.finetune_fraction))
+    tps, mt = args.tokens_per_sample, args.max_tokens
     t2r = ["--user-dir", USER_DIR, "--task", "t2r_language_modeling", "--arch", "t2r_lm",
            "--t2r-feature-dim", str(args.feature_dim)]
     t2r_streams = [a if a != "t2r_language_modeling" else "t2r_truncated_bptt_lm" for a in t2r]
@@ -188,6 +189,15 @@ def row_options(args, teacher_ckpt):
         # state carried across the batches of contiguous streams (a third of the budget).
         "t2r_gated_then_carried": (t2r + convert + ["--t2r-decay", "gated"], n_finetune, args.finetune_lr,
                                    Carried(max(1, n_finetune // 3))),
+        # ... its levers, one at a time: twice the streams of half the length in the carried stage (the
+        # same tokens per update, more diverse), gates that start remembering 8x longer, the delta rule.
+        "t2r_gated_then_carried16": (t2r + convert + ["--t2r-decay", "gated"], n_finetune, args.finetune_lr,
+                                     Carried(max(1, n_finetune // 3), ("--tokens-per-sample", str(tps // 2),
+                                                                       "--batch-size", str(2 * mt // tps)))),
+        "t2r_gated_long_then_carried": (t2r + convert + ["--t2r-decay", "gated", "--t2r-decay-memory", "2048"],
+                                        n_finetune, args.finetune_lr, Carried(max(1, n_finetune // 3))),
+        "t2r_gated_delta_then_carried": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated"], n_finetune,
+                                         args.finetune_lr, Carried(max(1, n_finetune // 3))),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
