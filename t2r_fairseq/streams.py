@@ -94,8 +94,8 @@ def parse_distance_buckets(text):
 class DistanceBuckets:
     """The scored targets' log-probabilities summed by distance from their stream's start."""
 
-    def __init__(self, edges, block):
-        self.edges, self.block = torch.tensor(edges), block
+    def __init__(self, edges, block, pad):
+        self.edges, self.block, self.pad = torch.tensor(edges), block, pad
         bounds = (0, *edges)
         self.labels = [f"{a}-{b}" for a, b in zip(bounds, bounds[1:])] + [f"{edges[-1]}+"]
         self.nll = torch.zeros(len(self.labels), dtype=torch.float64)
@@ -111,7 +111,7 @@ class DistanceBuckets:
         flat = torch.arange(self.offset, self.offset + scores.numel(), device=scores.device)
         distance = sample["net_input"]["stream_block"] * self.block + flat % width
         # As fairseq-eval-lm counts: padding is no token, and it skips infinite scores.
-        keep = target.flatten().ne(sample["pad"]) & scores.isfinite()
+        keep = target.flatten().ne(self.pad) & scores.isfinite()
         bucket = torch.bucketize(distance[keep], self.edges.to(scores.device), right=True)
         self.nll += torch.bincount(bucket, weights=-scores[keep], minlength=len(self.labels)).cpu()
         self.count += torch.bincount(bucket, minlength=len(self.labels)).cpu()
@@ -170,7 +170,7 @@ class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
                 probs = normalized(net_output, log_probs, sample)
                 # log_probs False: an ensemble averages probabilities; its members' own are not its scores.
                 if self.distance is not None and log_probs and sample and "stream_block" in sample["net_input"]:
-                    self.distance.add(probs, {**sample, "pad": self.dictionary.pad()})
+                    self.distance.add(probs, sample)
                 return probs
 
             model.get_normalized_probs = get_normalized_probs
@@ -180,7 +180,7 @@ class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
         iterator = super().eval_lm_dataloader(*args, **kwargs)
         if not self.distance_edges:
             return iterator
-        self.distance = DistanceBuckets(self.distance_edges, self.cfg.tokens_per_sample)
+        self.distance = DistanceBuckets(self.distance_edges, self.cfg.tokens_per_sample, self.dictionary.pad())
         return _LogWhenDone(iterator, lambda: logger.info(self.distance.line()))
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
