@@ -322,7 +322,7 @@ def main(argv=None):
         windowed = args.by_distance and "test_ppl_by_distance" not in row
         checkpoint = pathlib.Path(adopted.get(name, args.work / name / "checkpoint_last.pt"))
         if (carried or windowed) and not checkpoint.is_file():
-            log(f"{name}: no {checkpoint}, so no scores by distance from the stream start; skipped")
+            log(f"{name}: no {checkpoint} to score (state carried, or by distance from the stream start); skipped")
             continue
         if carried:
             ppl, by_distance = evaluate_carried(bin_dir, checkpoint, tps, args.work / f"logs/{name}.eval_carried.log")
