@@ -5,7 +5,7 @@
 
 A generated block sits between `<!-- generated: NAME -->` and `<!-- end: NAME -->` in any of the
 pages (README.md, results/README.md, docs/*.md); everything outside the markers is left as written.
-The figure (FIGURE) carries the numbers it plots in its PNG metadata, so checking it needs no drawing.
+The figures (FIGURES) carry the numbers they plot in their PNG metadata, so checking them needs no drawing.
 """
 import argparse
 import itertools
@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 PAGES = (ROOT / "README.md", ROOT / "results/README.md", *sorted((ROOT / "docs").glob("*.md")))
 FIGURE = ROOT / "results/wikitext2_quality_vs_cost.png"
+DISTANCE_FIGURE = ROOT / "results/wikitext2_ppl_by_distance.png"
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
@@ -272,14 +273,17 @@ def figure_data():
     return {"prefix": prefix, "points": points, "bar": lm["teacher_continued"]["test_ppl"]}
 
 
-def figure_is_current(path=FIGURE):
-    """Whether the PNG at path plots what the results files hold (read from its metadata, not its pixels)."""
+def _plotted(path):
+    """The numbers a PNG this module drew plots (its metadata, not its pixels)."""
     from PIL import Image
 
-    if not path.is_file():
-        return False
     with Image.open(path) as image:
-        return json.loads(image.text.get("t2r-data", "null")) == figure_data()
+        return json.loads(image.text.get("t2r-data", "null"))
+
+
+def figure_is_current(path=FIGURE):
+    """Whether the PNG at path plots what the results files hold."""
+    return path.is_file() and _plotted(path) == figure_data()
 
 
 def draw_figure(path=FIGURE):
@@ -304,6 +308,66 @@ def draw_figure(path=FIGURE):
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"t2r-data": json.dumps(data)})
     plt.close(fig)
+
+
+def distance_figure_data():
+    """What the distance figure plots: [label, {bucket: test ppl}] for the teacher (windowed), the T2R row
+    with the lowest windowed test ppl and the one with the lowest carried test ppl, among the rows whose
+    scores by distance are recorded (`python -m examples.language_model.wikitext2 --by-distance`);
+    None before any are."""
+    lm = _load("wikitext2.json")
+    labels = {name: label for name, label, _ in WIKITEXT2_ROWS}
+    t2r = [name for name in labels if "feature_map" in lm.get(name, {})]
+    windowed = [name for name in t2r if "test_ppl_by_distance" in lm[name]]
+    carried = [name for name in t2r if "test_ppl_by_distance_carried" in lm[name]]
+    lines = []
+    if "test_ppl_by_distance" in lm.get("teacher", {}):
+        lines.append([f"{labels['teacher']}, windowed", lm["teacher"]["test_ppl_by_distance"]])
+    if windowed:
+        best = min(windowed, key=lambda name: lm[name]["test_ppl"])
+        lines.append([f"{labels[best]}, windowed", lm[best]["test_ppl_by_distance"]])
+    if carried:
+        best = min(carried, key=lambda name: lm[name]["test_ppl_carried"])
+        lines.append([f"{labels[best]}, state carried", lm[best]["test_ppl_by_distance_carried"]])
+    if not lines:
+        return None
+    window = re.search(r"--context-window (\d+)", lm["setup"]["eval"]).group(1)
+    return {"window": int(window), "lines": lines}
+
+
+def distance_figure_is_current(path=DISTANCE_FIGURE):
+    """Whether the PNG plots what the results hold; before any scores by distance are recorded, that it is absent."""
+    data = distance_figure_data()
+    return _plotted(path) == data if path.is_file() else data is None
+
+
+def draw_distance_figure(path=DISTANCE_FIGURE):
+    data = distance_figure_data()
+    if data is None:
+        path.unlink(missing_ok=True)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Buckets in order of distance, as categories: their widths differ by 4x and more.
+    buckets = sorted({b for _, ppl in data["lines"] for b in ppl}, key=lambda b: int(re.match(r"\d+", b).group()))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for (label, ppl), shape in zip(data["lines"], "*os"):
+        xs = [i for i, b in enumerate(buckets) if b in ppl]
+        ax.plot(xs, [ppl[buckets[i]] for i in xs], marker=shape, markersize=10 if shape == "*" else 7, label=label)
+    ax.set_xticks(range(len(buckets)), [f"{b}" for b in buckets])
+    ax.set_xlabel("tokens since the start of the stream (the test split as 8 streams)")
+    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_title(f"WikiText-2: perplexity by distance from the stream start (window: {data['window']} tokens)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"t2r-data": json.dumps(data)})
+    plt.close(fig)
+
+
+FIGURES = {FIGURE: (figure_is_current, draw_figure), DISTANCE_FIGURE: (distance_figure_is_current, draw_distance_figure)}
 
 
 GENERATORS = {"headline": headline, "demo-console": demo_console, "demo-tables": demo_tables,
@@ -331,15 +395,15 @@ def main(argv=None):
     use_results(args.results)
     pages = {page: render(page.read_text()) for page in args.pages}
     stale = [page for page, text in pages.items() if page.read_text() != text]
-    figure_stale = not figure_is_current()
+    figures_stale = [path for path, (is_current, _) in FIGURES.items() if not is_current()]
     if args.check:
-        for path in stale + [FIGURE] * figure_stale:
+        for path in stale + figures_stale:
             print(f"{path} is stale: run `python -m docs.generate`", file=sys.stderr)
-        return 1 if stale or figure_stale else 0
+        return 1 if stale or figures_stale else 0
     for page in stale:
         page.write_text(pages[page])
-    if figure_stale:
-        draw_figure()
+    for path in figures_stale:
+        FIGURES[path][1]()
     return 0
 
 

@@ -20,10 +20,14 @@ Positions restart at every block: each block is a plain forward of --tokens-per-
 a model never sees a position it was not trained on (learned position tables end at
 --max-target-positions, and a converted model learned its positions on blocks that short). What
 reaches across blocks is the recurrent state alone.
+
+`--distance-buckets 128,512,2048` makes fairseq-eval-lm also log the perplexity of the tokens at each
+distance from their stream's start (a token's distance is block * --tokens-per-sample + its position):
+what a long history is worth, bucket by bucket.
 """
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -70,6 +74,69 @@ class StreamBatches(torch.utils.data.Dataset):
 class T2RTruncatedBPTTLMConfig(TruncatedBPTTLMConfig, ConvertFromConfig):
     # Optional here (fairseq's is not): fairseq-eval-lm without --batch-size reads one stream.
     batch_size: Optional[int] = II("dataset.batch_size")
+    distance_buckets: Optional[str] = field(default=None, metadata={
+        "help": "fairseq-eval-lm also logs the perplexity by distance from the stream start in buckets with "
+                "these edges (increasing token counts): 128,512,2048 gives 0-128, 128-512, 512-2048, 2048+"})
+
+
+def parse_distance_buckets(text):
+    """'128,512,2048' -> (128, 512, 2048), or a T2RUsageError naming the fix."""
+    try:
+        edges = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        edges = ()
+    if not edges or edges[0] <= 0 or any(a >= b for a, b in zip(edges, edges[1:])):
+        raise T2RUsageError(f"--distance-buckets {text}: give increasing positive token counts, comma-separated, "
+                            f"e.g. --distance-buckets 128,512,2048")
+    return edges
+
+
+class DistanceBuckets:
+    """The scored targets' log-probabilities summed by distance from their stream's start."""
+
+    def __init__(self, edges, block, pad):
+        self.edges, self.block, self.pad = torch.tensor(edges), block, pad
+        bounds = (0, *edges)
+        self.labels = [f"{a}-{b}" for a, b in zip(bounds, bounds[1:])] + [f"{edges[-1]}+"]
+        self.nll = torch.zeros(len(self.labels), dtype=torch.float64)
+        self.count = torch.zeros(len(self.labels), dtype=torch.long)
+        self.offset = 0
+
+    def add(self, lprobs, sample):
+        """lprobs: (rows, time, vocab) for sample["target"]: the whole batch, or a flat piece of it
+        when fairseq-eval-lm --softmax-batch splits the softmax (pieces come in order)."""
+        target = sample["target"]
+        scores = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1).double().flatten()
+        width = sample["net_input"]["src_tokens"].size(1)
+        flat = torch.arange(self.offset, self.offset + scores.numel(), device=scores.device)
+        distance = sample["net_input"]["stream_block"] * self.block + flat % width
+        # As fairseq-eval-lm counts: padding is no token, and it skips infinite scores.
+        keep = target.flatten().ne(self.pad) & scores.isfinite()
+        bucket = torch.bucketize(distance[keep], self.edges.to(scores.device), right=True)
+        self.nll += torch.bincount(bucket, weights=-scores[keep], minlength=len(self.labels)).cpu()
+        self.count += torch.bincount(bucket, minlength=len(self.labels)).cpu()
+        self.offset = (self.offset + scores.numel()) % sample["net_input"]["src_tokens"].numel()
+
+    def line(self):
+        cells = [f"{label} {math.exp(nll / n) if n else float('nan'):.2f} (n={n:,})"
+                 for label, nll, n in zip(self.labels, self.nll.tolist(), self.count.tolist())]
+        return "Perplexity by distance from the stream start: " + " | ".join(cells)
+
+
+class _LogWhenDone:
+    """fairseq-eval-lm's batch iterator, calling done() once the last batch has been scored (the
+    scorer asks for the next batch only after scoring the one before)."""
+
+    def __init__(self, iterator, done):
+        self.iterator, self.done = iterator, done
+        self.n = getattr(iterator, "n", 0)
+
+    def __len__(self):
+        return len(self.iterator)
+
+    def __iter__(self):
+        yield from self.iterator
+        self.done()
 
 
 @register_task("t2r_truncated_bptt_lm", dataclass=T2RTruncatedBPTTLMConfig)
@@ -80,6 +147,8 @@ class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
         if cfg.batch_size is None:
             cfg.batch_size = 1
             logger.info("reading 1 stream (--batch-size N reads N streams side by side)")
+        self.distance_edges = parse_distance_buckets(cfg.distance_buckets) if cfg.distance_buckets else None
+        self.distance = None  # DistanceBuckets while fairseq-eval-lm scores
         super().__init__(cfg)
 
     def build_model(self, cfg, from_checkpoint=False):
@@ -92,7 +161,27 @@ class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
             raise T2RUsageError(f"--tokens-per-sample {self.cfg.tokens_per_sample} is longer than the model's "
                                 f"{model.max_positions()} positions; positions restart in every block, so a block "
                                 f"of up to {model.max_positions()} tokens loses no context")
+        if self.distance_edges:
+            # fairseq's scorer computes each target's log-probability from this call alone; tapping
+            # it here leaves the model, training and plain scoring untouched.
+            normalized = model.get_normalized_probs
+
+            def get_normalized_probs(net_output, log_probs, sample=None):
+                probs = normalized(net_output, log_probs, sample)
+                # log_probs False: an ensemble averages probabilities; its members' own are not its scores.
+                if self.distance is not None and log_probs and sample and "stream_block" in sample["net_input"]:
+                    self.distance.add(probs, sample)
+                return probs
+
+            model.get_normalized_probs = get_normalized_probs
         return model
+
+    def eval_lm_dataloader(self, *args, **kwargs):
+        iterator = super().eval_lm_dataloader(*args, **kwargs)
+        if not self.distance_edges:
+            return iterator
+        self.distance = DistanceBuckets(self.distance_edges, self.cfg.tokens_per_sample, self.dictionary.pad())
+        return _LogWhenDone(iterator, lambda: logger.info(self.distance.line()))
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         path = self.cfg.data.split(":")[(epoch - 1) % len(self.cfg.data.split(":"))] + f"/{split}"

@@ -265,6 +265,7 @@ def test_readme_md_blocks_run(sandboxes):
     assert len(re.findall(r"Perplexity: [0-9.]+", out)) == 3, out[-3000:]  # eval-lm: converted, offline, full history
     # A block longer than the model's positions is skipped: 0 tokens scored, "Perplexity: 1.00".
     assert not re.search(r"Evaluated 0 tokens|Perplexity: 1\.00\b", out), out[-3000:]
+    assert "Perplexity by distance from the stream start: 0-128 " in out, out[-3000:]  # docs/long_context.md
     assert re.search(r"^H-0\t\S+\tthe value of the \S", out, flags=re.M), out[-3000:]  # fairseq-interactive
     assert (repo / "t2r/checkpoint_best.pt").is_file() and (repo / "t2r_finetuned/checkpoint_last.pt").is_file()
     assert (repo / "distributed/checkpoint_last.pt").is_file() and (repo / "t2r_carried/checkpoint_best.pt").is_file()

@@ -1,13 +1,14 @@
 """t2r_truncated_bptt_lm: streams cut into batches that predict every token once, a model that
 carries its recurrent state from batch to batch exactly (and resets it where it must), and the
 user's commands: fairseq-train with --convert-from, fairseq-eval-lm with full history."""
+import math
 import re
 import sys
 
 import pytest
 import torch
 
-from helpers import MODEL, TINY_LM, TRAIN, USER_DIR, build_model, run
+from helpers import MODEL, ROOT, TINY_LM, TRAIN, USER_DIR, build_model, run
 
 
 def _batches(tokens, rows, block, shards=1):
@@ -133,6 +134,89 @@ def test_eval_lm_scores_every_token_with_its_whole_history(lm_workdir, carried_r
                   "--batch-size", 3)
     assert one[0] == three[0] == windowed[0]  # the same tokens, each scored once
     assert 1 < one[1] < 1e5 and one[1] != three[1]  # three streams: other histories
+
+
+def _by_distance(text):
+    """{bucket: (ppl, n)} from the line --distance-buckets adds."""
+    line, = re.findall(r"Perplexity by distance from the stream start: (.*)", text)
+    return {label: (float(ppl), int(n.replace(",", ""))) for label, ppl, n in re.findall(r"(\S+) (\S+) \(n=([0-9,]+)\)", line)}
+
+
+def test_eval_lm_logs_perplexity_by_distance_from_the_stream_start(lm_workdir, carried_run):
+    save, _ = carried_run
+    stream = ["--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", 32, "--batch-size", 2]
+    outputs = []
+    for extra in ([], ["--softmax-batch", 37]):  # 37: the scorer's softmax in flat pieces that straddle rows
+        proc = run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
+                    "--gen-subset", "valid", "--cpu", *map(str, stream), "--distance-buckets", "16,40,100", *extra])
+        outputs.append(proc.stdout + proc.stderr)
+    text = outputs[0]
+    tokens = int(re.search(r"Evaluated ([0-9,]+) tokens", text).group(1).replace(",", ""))
+    loss, ppl = map(float, re.search(r"Loss \(base 2\): ([0-9.]+), Perplexity: ([0-9.]+)", text).groups())
+    buckets = _by_distance(text)
+    assert list(buckets) == ["0-16", "16-40", "40-100", "100+"] and all(n > 0 for _, n in buckets.values())
+    assert sum(n for _, n in buckets.values()) == tokens
+    # Token-weighted, the buckets give the overall loss back (their ppls are printed to 0.01).
+    again = sum(n * math.log2(p) for p, n in buckets.values()) / tokens
+    assert abs(again - loss) < 1e-3, (again, loss)
+    assert _by_distance(outputs[1]) == buckets
+
+
+@pytest.mark.parametrize("edges", ["512,128", "128,128", "0,512", "-5", "128,,512", "2k"])
+def test_bad_distance_buckets_are_refused_in_one_line(edges):
+    """As the task's constructor parses them; fairseq's CLIs print a T2RUsageError as its one line."""
+    from t2r_fairseq.errors import T2RUsageError
+    from t2r_fairseq.streams import parse_distance_buckets
+
+    with pytest.raises(T2RUsageError, match=f"^--distance-buckets {edges}: give increasing positive token counts"):
+        parse_distance_buckets(edges)
+    assert parse_distance_buckets("128,512,2048") == (128, 512, 2048)
+
+
+def _recipe():
+    sys.path.insert(0, str(ROOT))  # examples/ is run from the checkout, not installed
+    from examples.language_model import wikitext2
+
+    return wikitext2
+
+
+@pytest.mark.parametrize("n,streams", [(100, 8), (9, 8), (8, 8), (3, 8), (50, 3)])
+def test_the_recipes_windowed_distances_are_the_stream_tasks(n, streams):
+    """Scored in split order, token g sits in the stream task's layout at a distance from its stream's start
+    (its block * block length + its column) that the recipe's mapping must give too."""
+    block = 4
+    (dataset,) = _batches(torch.arange(10, 10 + n), rows=streams, block=block)
+    distance = {}
+    for i in range(len(dataset)):
+        _, _, targets = dataset[i]
+        for (row, column) in targets.ne(1).nonzero().tolist():
+            distance[targets[row, column].item() - 10] = i * block + column
+    assert _recipe().stream_distances(n, streams) == [distance[g] for g in range(n)]
+    scores = [-math.log(2 + g % 3) for g in range(n)]  # bucketed by those distances, edges 2 and 5
+    expected = {}
+    for g, d in enumerate(_recipe().stream_distances(n, streams)):
+        expected.setdefault("0-2" if d < 2 else "2-5" if d < 5 else "5+", []).append(-scores[g])
+    got = _recipe().windowed_by_distance(scores, streams, edges=(2, 5))
+    assert {k: (round(p, 9), c) for k, (p, c) in got.items()} == {
+        k: (round(math.exp(sum(v) / len(v)), 9), len(v)) for k, v in expected.items()}
+
+
+def test_windowed_word_probs_are_the_splits_tokens_in_order(lm_workdir):
+    """fairseq-eval-lm --context-window --output-word-probs: by block id, the tokens it prints are the
+    split's, first token included, each once (the context's targets are padding and not printed)."""
+    from fairseq.data import Dictionary, data_utils
+
+    proc = run(["fairseq-eval-lm", lm_workdir / "bin", "--user-dir", USER_DIR, "--path",
+                lm_workdir / "softmax/checkpoint_last.pt",
+                "--gen-subset", "valid", "--tokens-per-sample", 64, "--context-window", 32, "--max-tokens", 256,
+                "--output-word-probs", "--cpu"])
+    text = proc.stdout + proc.stderr
+    words = _recipe().word_probs(text)
+    dictionary = Dictionary.load(str(lm_workdir / "bin/dict.txt"))
+    lines = data_utils.load_indexed_dataset(str(lm_workdir / "bin/valid"), dictionary)
+    assert [token for token, _ in words] == [dictionary[t] for t in torch.cat(list(lines)).tolist()]
+    ppl = float(re.search(r"Perplexity: ([0-9.]+)", text).group(1))
+    assert abs(math.exp(-sum(score for _, score in words) / len(words)) - ppl) < 0.01
 
 
 def test_a_carried_state_checkpoint_loads_without_a_task(lm_workdir, carried_run):

@@ -107,3 +107,25 @@ def test_the_figure_is_stale_when_its_numbers_change_or_it_is_missing(tmp_path, 
     monkeypatch.setattr(generate, "RESULTS", tmp_path)
     assert not generate.figure_is_current()
     assert not generate.figure_is_current(tmp_path / "missing.png")
+
+
+def test_the_distance_figure_waits_for_its_numbers_then_is_checked_by_them(tmp_path, monkeypatch):
+    """No scores by distance recorded: no figure, and the check passes; once recorded, stale until drawn."""
+    from docs import generate
+
+    results = json.loads((ROOT / "results/wikitext2.json").read_text())
+    for row in results.values():
+        for field in ("test_ppl_by_distance", "test_ppl_by_distance_carried"):
+            row.pop(field, None)
+    (tmp_path / "wikitext2.json").write_text(json.dumps(results))
+    monkeypatch.setattr(generate, "RESULTS", tmp_path)
+    figure = tmp_path / "by_distance.png"
+    assert generate.distance_figure_data() is None and generate.distance_figure_is_current(figure)
+    results["teacher"]["test_ppl_by_distance"] = {"0-128": 90.0, "128-512": 80.0}
+    results["t2r_decay_gated"]["test_ppl_by_distance_carried"] = {"0-128": 91.0, "128-512": 78.0}
+    (tmp_path / "wikitext2.json").write_text(json.dumps(results))
+    assert not generate.distance_figure_is_current(figure)
+    generate.draw_distance_figure(figure)
+    assert generate.distance_figure_is_current(figure)
+    assert [label for label, _ in generate.distance_figure_data()["lines"]] == [
+        "teacher (softmax), windowed", "T2R + pretrain, gated decay, state carried"]

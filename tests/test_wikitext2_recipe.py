@@ -44,6 +44,17 @@ def test_wikitext2_recipe_runs_at_tiny_size(tmp_path):
     assert last["optimizer_history"][-1]["num_updates"] == 2 and last["cfg"]["task"]["_name"] == "t2r_truncated_bptt_lm"
     rerun_keeps_recorded_rows(cmd, results, tmp_path / "work")
 
+    # Perplexity by distance from the stream start: carried for every all-recurrent row, windowed for the
+    # chosen rows with --by-distance (the recipe checks that the buckets give each overall perplexity back).
+    buckets = ["0-128", "128-512", "512-2048", "2048+"]
+    assert set(recorded["t2r_pretrain"]["test_ppl_by_distance_carried"]) <= set(buckets)
+    run([*cmd[:-2], "--rows", "teacher,t2r_pretrain", "--by-distance"], cwd=ROOT)
+    recorded = json.loads(results.read_text())
+    for name in ("teacher", "t2r_pretrain"):
+        by_distance = recorded[name]["test_ppl_by_distance"]
+        assert list(by_distance) == buckets[:len(by_distance)] and all(1 < p < 1e4 for p in by_distance.values())
+    assert "test_ppl_by_distance" not in recorded["hybrid_50"]
+
     # The hybrid trade-off's speed half: decode cost per row and prefix length.
     run([sys.executable, "-m", "examples.language_model.decode_speed", "--work", tmp_path / "work", "--results",
          results, "--lengths", "16,48", "--seconds", 0.05], cwd=ROOT)

@@ -13,12 +13,18 @@ plain and with attention transfer). Each row's dev/test perplexity comes from fa
 whole test split (`fairseq-eval-lm --task t2r_truncated_bptt_lm`, `test_ppl_carried`). Results accumulate in results/wikitext2.json after every row, so an interrupted run continues where it stopped
 (`--force ROW` reruns one).
 
+Perplexity by distance from the start of a stream (DISTANCE_BUCKETS): every carried evaluation
+records it (`test_ppl_by_distance_carried`); `--by-distance` also records the windowed scores of the
+chosen rows by the same buckets (`test_ppl_by_distance`: the 8 streams of the carried evaluation,
+each windowed token placed where it stands in them), and fills both for recorded rows that lack them.
+
 Why this teacher: `transformer_lm` on an 8k sentencepiece BPE vocabulary. The word vocabulary
 (33k) makes the output layer dominate CPU time; BPE keeps a 2-core run within budget and makes
 every perplexity here per BPE token (comparable across rows, not with word-level numbers).
 """
 import argparse
 import datetime
+import math
 import pathlib
 import re
 import sys
@@ -68,20 +74,94 @@ def prepare(data, work, vocab):
     return bin_dir
 
 
+# Perplexity by distance from the start of a stream: bucket edges, in tokens (0-128, 128-512, 512-2048, 2048+).
+DISTANCE_BUCKETS = (128, 512, 2048)
+CARRIED_STREAMS = 8  # evaluate_carried's --batch-size: the test split as 8 streams side by side
+
+
+def evaluate_windowed(bin_dir, checkpoint, tokens_per_sample, subset, log_path, *extra):
+    """fairseq-eval-lm's output, every token scored with a window of tokens_per_sample // 2 tokens before it."""
+    return kit.run_or_exit(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset",
+                            subset, "--tokens-per-sample", str(tokens_per_sample), "--context-window",
+                            str(tokens_per_sample // 2), "--max-tokens", "8192", "--required-batch-size-multiple", "1",
+                            "--cpu", *extra], log_path)
+
+
 def evaluate(bin_dir, checkpoint, tokens_per_sample, subset, log_path):
-    text = kit.run_or_exit(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint, "--gen-subset", subset,
-               "--tokens-per-sample", str(tokens_per_sample), "--context-window", str(tokens_per_sample // 2),
-               "--max-tokens", "8192", "--required-batch-size-multiple", "1", "--cpu"], log_path)
-    return kit.perplexity(text)
+    return kit.perplexity(evaluate_windowed(bin_dir, checkpoint, tokens_per_sample, subset, log_path))
 
 
 def evaluate_carried(bin_dir, checkpoint, tokens_per_sample, log_path):
     """Test perplexity with every token seeing its whole history: fairseq-eval-lm with the stream
-    task, the recurrent state carried from block to block (versus the 128-token window of `evaluate`)."""
+    task, the recurrent state carried from block to block (versus the 128-token window of `evaluate`);
+    and {bucket: perplexity} by distance from the stream start."""
     text = kit.run_or_exit(["fairseq-eval-lm", bin_dir, "--user-dir", USER_DIR, "--path", checkpoint,
                             "--task", "t2r_truncated_bptt_lm", "--tokens-per-sample", str(tokens_per_sample),
-                            "--batch-size", "8", "--gen-subset", "test", "--cpu"], log_path)
-    return kit.perplexity(text)
+                            "--batch-size", str(CARRIED_STREAMS), "--gen-subset", "test", "--cpu",
+                            "--distance-buckets", ",".join(map(str, DISTANCE_BUCKETS))], log_path)
+    ppl, buckets = kit.perplexity(text), {}
+    line = re.findall(r"Perplexity by distance from the stream start: (.*)", text)[-1]
+    for label, value, n in re.findall(r"(\S+) (\S+) \(n=([0-9,]+)\)", line):
+        if n != "0":
+            buckets[label] = (float(value), int(n.replace(",", "")))
+    _same_perplexity(ppl, buckets, log_path)
+    return ppl, {label: value for label, (value, _) in buckets.items()}
+
+
+def _same_perplexity(ppl, buckets, log_path):
+    """The buckets, token-weighted, must give the overall perplexity back (a wrong mapping would not)."""
+    total = sum(n for _, n in buckets.values())
+    again = math.exp(sum(n * math.log(value) for value, n in buckets.values()) / total)
+    if abs(again - ppl) > 0.01 + 1e-4 * ppl:  # the buckets' perplexities are printed to 0.01
+        sys.exit(f"error: perplexity by distance gives {again:.4f} overall, fairseq-eval-lm {ppl}; see {log_path}")
+
+
+def distance_labels(edges=DISTANCE_BUCKETS):
+    """As `--distance-buckets` names them: 0-128, 128-512, 512-2048, 2048+."""
+    bounds = (0, *edges)
+    return [f"{a}-{b}" for a, b in zip(bounds, bounds[1:])] + [f"{edges[-1]}+"]
+
+
+def word_probs(text):
+    """(token, natural-log probability) of each token that fairseq-eval-lm --output-word-probs scored (no
+    --post-process: one "word" per token), in split order: its lines are `ID token [score]\t...`, ID the
+    block of the split and the tokens that block's targets (context-window targets are padding, not printed)."""
+    blocks = {}
+    # fairseq's log format, or Python's default where something configured logging first.
+    for block, words in re.findall(r"fairseq_cli\.eval_lm(?: \| |:)(\d+) (.+)$", text, flags=re.M):
+        blocks[int(block)] = [(token, float(score.rstrip("]")))
+                              for token, score in (word.rsplit(" [", 1) for word in words.split("\t"))]
+    return [word for block in sorted(blocks) for word in blocks[block]]
+
+
+def stream_distances(n, streams=CARRIED_STREAMS):
+    """Each token's distance from the start of its stream when t2r_truncated_bptt_lm reads a split of n tokens
+    as `streams` streams (its StreamBatches): pieces of ceil(n / streams) tokens, the split's first token at 0."""
+    length = math.ceil(n / streams)
+    return [g % length for g in range(n)]
+
+
+def windowed_by_distance(scores, streams=CARRIED_STREAMS, edges=DISTANCE_BUCKETS):
+    """{bucket: (perplexity, tokens)} of per-token log-probabilities in split order, by stream_distances."""
+    labels = distance_labels(edges)
+    sums = {label: [0.0, 0] for label in labels}
+    for score, distance in zip(scores, stream_distances(len(scores), streams)):
+        bucket = sums[labels[sum(distance >= e for e in edges)]]
+        bucket[0] -= score
+        bucket[1] += 1
+    return {label: (math.exp(nll / n), n) for label, (nll, n) in sums.items() if n}
+
+
+def evaluate_by_distance(bin_dir, checkpoint, tokens_per_sample, log_path):
+    """Windowed test perplexity ({bucket: perplexity}) by distance from the start of the carried evaluation's streams."""
+    text = evaluate_windowed(bin_dir, checkpoint, tokens_per_sample, "test", log_path, "--output-word-probs")
+    scores = [score for _, score in word_probs(text)]
+    evaluated = int(re.findall(r"Evaluated ([0-9,]+) tokens", text)[-1].replace(",", ""))
+    if len(scores) != evaluated:
+        sys.exit(f"error: {len(scores)} word probabilities for {evaluated} evaluated tokens in {log_path}")
+    buckets = windowed_by_distance(scores)
+    _same_perplexity(kit.perplexity(text), buckets, log_path)
+    return {label: round(value, 2) for label, (value, _) in buckets.items()}
 
 
 def adopted_progress(checkpoint, train_log):
@@ -114,6 +194,10 @@ def parse_args(argv):
     p.add_argument("--note", default=None, help="recorded in setup.notes (e.g. why a run was stopped early)")
     p.add_argument("--rows", default=None, help="comma-separated subset of rows to run")
     p.add_argument("--force", default="", help="comma-separated rows to rerun even if recorded")
+    p.add_argument("--by-distance", action="store_true",
+                   help="also record the windowed test perplexity by distance from the stream start "
+                        "(test_ppl_by_distance) for the chosen rows, and fill it and the carried one "
+                        "(test_ppl_by_distance_carried) for recorded rows that lack them")
     p.add_argument("--adopt", action="append", default=[], metavar="ROW=CHECKPOINT",
                    help="record ROW from a checkpoint its training run saved (e.g. an interval checkpoint of a "
                         "run stopped early) instead of training; updates and minutes are read from it and its log")
@@ -278,13 +362,30 @@ def main(argv=None):
     store.run_rows(wanted, rows, set(filter(None, args.force.split(","))), run_row, setup)
     # Unbounded-context scoring applies to rows whose every layer is recurrent.
     for name, (extra, *_) in rows.items():
-        results = store.load()
+        row = store.load().get(name)
+        if name not in wanted or row is None:
+            continue
         recurrent = USER_DIR in extra and "--t2r-softmax-layers" not in extra
-        if name in wanted and recurrent and name in results and "test_ppl_carried" not in results[name]:
-            checkpoint = pathlib.Path(adopted.get(name, args.work / name / "checkpoint_last.pt"))
-            ppl = round(evaluate_carried(bin_dir, checkpoint, tps, args.work / f"logs/{name}.eval_carried.log"), 2)
-            log(f"{name}: test perplexity {ppl} with the state carried across the whole split")
-            store.update(name, test_ppl_carried=ppl)
+        carried = recurrent and ("test_ppl_carried" not in row
+                                 or args.by_distance and "test_ppl_by_distance_carried" not in row)
+        windowed = args.by_distance and "test_ppl_by_distance" not in row
+        checkpoint = pathlib.Path(adopted.get(name, args.work / name / "checkpoint_last.pt"))
+        if (carried or windowed) and not checkpoint.is_file():
+            log(f"{name}: no {checkpoint} to score (state carried, or by distance from the stream start); skipped")
+            continue
+        if carried:
+            ppl, by_distance = evaluate_carried(bin_dir, checkpoint, tps, args.work / f"logs/{name}.eval_carried.log")
+            ppl = round(ppl, 2)
+            log(f"{name}: test perplexity {ppl} with the state carried across the whole split; by distance from "
+                f"the stream start {by_distance}")
+            if row.get("test_ppl_carried", ppl) != ppl:
+                log(f"{name}: recorded test_ppl_carried {row['test_ppl_carried']} kept; this evaluation gave {ppl}")
+            store.update(name, test_ppl_carried=row.get("test_ppl_carried", ppl),
+                         test_ppl_by_distance_carried=by_distance)
+        if windowed:
+            by_distance = evaluate_by_distance(bin_dir, checkpoint, tps, args.work / f"logs/{name}.eval_words.log")
+            log(f"{name}: windowed test perplexity by distance from the stream start {by_distance}")
+            store.update(name, test_ppl_by_distance=by_distance)
     log(f"results in {args.results}")
 
 
