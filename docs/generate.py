@@ -5,7 +5,8 @@
 
 A generated block sits between `<!-- generated: NAME -->` and `<!-- end: NAME -->` in any of the
 pages (README.md, results/README.md, docs/*.md); everything outside the markers is left as written.
-The figure (FIGURE) carries the numbers it plots in its PNG metadata, so checking it needs no drawing.
+The figures (FIGURE, RECALL_FIGURE) carry the numbers they plot in their PNG metadata, so checking them
+needs no drawing.
 """
 import argparse
 import itertools
@@ -21,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 PAGES = (ROOT / "README.md", ROOT / "results/README.md", *sorted((ROOT / "docs").glob("*.md")))
 FIGURE = ROOT / "results/wikitext2_quality_vs_cost.png"
+RECALL_FIGURE = ROOT / "results/recall.png"  # drawn by benchmarks.recall.plot, checked the same way
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
@@ -272,14 +274,32 @@ def figure_data():
     return {"prefix": prefix, "points": points, "bar": lm["teacher_continued"]["test_ppl"]}
 
 
-def figure_is_current(path=FIGURE):
-    """Whether the PNG at path plots what the results files hold (read from its metadata, not its pixels)."""
+def _plotted(path):
+    """The numbers a PNG of ours plots (its metadata), or None."""
     from PIL import Image
 
     if not path.is_file():
-        return False
+        return None
     with Image.open(path) as image:
-        return json.loads(image.text.get("t2r-data", "null")) == figure_data()
+        return json.loads(image.text.get("t2r-data", "null"))
+
+
+def figure_is_current(path=FIGURE):
+    """Whether the PNG at path plots what the results files hold (read from its metadata, not its pixels)."""
+    return path.is_file() and _plotted(path) == figure_data()
+
+
+def recall():
+    from benchmarks.recall import setup_line, table
+
+    data = _load("recall.json")
+    return f"{table(data)}\n\n`{data['setup']['command'].split(' --notes')[0]}`: {setup_line(data)}\n"
+
+
+def recall_figure_is_current(path=RECALL_FIGURE):
+    from benchmarks.recall import plot_data
+
+    return path.is_file() and _plotted(path) == plot_data(_load("recall.json"))
 
 
 def draw_figure(path=FIGURE):
@@ -309,7 +329,7 @@ def draw_figure(path=FIGURE):
 GENERATORS = {"headline": headline, "demo-console": demo_console, "demo-tables": demo_tables,
               "bench-decode": bench_decode, "generation-memory": generation_memory, "multi30k": multi30k,
               "multi30k-cross": lambda: multi30k("multi30k_cross.json"), "cross-attention": cross_attention,
-              "wikitext2": wikitext2}
+              "wikitext2": wikitext2, "recall": recall}
 
 
 def render(text: str) -> str:
@@ -331,15 +351,20 @@ def main(argv=None):
     use_results(args.results)
     pages = {page: render(page.read_text()) for page in args.pages}
     stale = [page for page, text in pages.items() if page.read_text() != text]
-    figure_stale = not figure_is_current()
+    figures = [path for path, current in ((FIGURE, figure_is_current), (RECALL_FIGURE, recall_figure_is_current))
+               if not current()]
     if args.check:
-        for path in stale + [FIGURE] * figure_stale:
+        for path in stale + figures:
             print(f"{path} is stale: run `python -m docs.generate`", file=sys.stderr)
-        return 1 if stale or figure_stale else 0
+        return 1 if stale or figures else 0
     for page in stale:
         page.write_text(pages[page])
-    if figure_stale:
+    if FIGURE in figures:
         draw_figure()
+    if RECALL_FIGURE in figures:
+        from benchmarks.recall import plot
+
+        plot(_load("recall.json"), RECALL_FIGURE)
     return 0
 
 
