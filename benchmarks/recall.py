@@ -48,6 +48,16 @@ def make_line(rng: random.Random, n: int, length: int, num_keys: int, num_values
     return [w for k in keys + queries for w in (f"k{k}", f"v{value[k]}")]
 
 
+def guess_from_line(line: str) -> float:
+    """The accuracy of answering every query of a line with one of the values of its pairs, drawn at random:
+    what a model scores that has learned that the answer is a value seen in the line, but not which one
+    (about 1/N; values repeat, so a little more)."""
+    words = line.split()
+    keys = words[::2]
+    n = next((i for i, k in enumerate(keys) if k in keys[:i]), len(keys))  # the first query ends the pairs
+    return 1 / len(set(words[1:2 * n:2]))
+
+
 def write_lines(path, lines):
     path.write_text("".join(" ".join(line) + "\n" for line in lines))
 
@@ -174,16 +184,19 @@ def table(data) -> str:
         options = " ".join(r["flags"][2:-2] if "--t2r-feature-dim" in r["flags"] else r["flags"][2:])
         lines.append(f"| {r['label']} | `{options}` | " + " | ".join(f"{100 * r['accuracy'][str(n)]:.1f}%" for n in ns)
                      + f" | {r['train_minutes']:.1f} |")
-    points = goal_points(data)
+    if "guess" in data:
+        lines.append(f"| {data['guess']['label']} | - | " + " | ".join(
+            f"{100 * data['guess']['accuracy'][str(n)]:.1f}%" for n in ns) + " | - |")
     if "additive" in data and "gated_delta" in data:
-        lines += ["", f"Additive T2R below 50% and gated delta above 90%: at N = {', '.join(map(str, points))}."
-                  if points else "", "No N has additive T2R below 50% and gated delta above 90%."][0 if points else -1:]
+        points = goal_points(data)
+        lines += ["", f"Additive T2R below 50% and gated delta above 90% at N = {', '.join(map(str, points))}."
+                  if points else "No N has additive T2R below 50% and gated delta above 90%."]
     return "\n".join(lines)
 
 
 def plot_data(data) -> dict:
     """What the figure plots (kept in its PNG metadata, so docs.generate can check it without pixels)."""
-    return {f: {"label": data[f]["label"], "accuracy": data[f]["accuracy"]} for f in FORMS if f in data}
+    return {f: {"label": data[f]["label"], "accuracy": data[f]["accuracy"]} for f in (*FORMS, "guess") if f in data}
 
 
 def plot(data, path):
@@ -196,7 +209,8 @@ def plot(data, path):
     for f, p in points.items():
         ns = sorted(int(n) for n in p["accuracy"])
         ax.plot(ns, [100 * p["accuracy"][str(n)] for n in ns], marker="o",
-                linestyle="--" if f == "softmax" else "-", label=p["label"])
+                linestyle={"softmax": "--", "guess": ":"}.get(f, "-"), color="gray" if f == "guess" else None,
+                label=p["label"])
     ax.set(xscale="log", xlabel="key-value pairs N", ylabel="answer accuracy (%)", ylim=(-2, 102),
            title="Multi-query associative recall")
     ax.set_xticks(sorted({int(n) for p in points.values() for n in p["accuracy"]}))
@@ -291,6 +305,10 @@ def main(argv=None):
                     str(x) for x in shared_flags(a)),
                 "notes": a.notes}
 
+    if all((work / f"test.{n}.txt").exists() for n in a.ns):
+        guess = {str(n): round(sum(map(guess_from_line, lines)) / len(lines), 4)
+                 for n in a.ns for lines in [(work / f"test.{n}.txt").read_text().splitlines()]}
+        results.record("guess", {"label": "reference: a value of the line, at random", "accuracy": guess})
     results.run_rows(forms, FORMS, force, run_row, setup)
     write_reports(results.load(), a.out)
     print(table(results.load()))

@@ -76,3 +76,13 @@ def test_quick_run_writes_a_row_a_table_and_a_checkable_figure(tmp_path):
     again = run([sys.executable, "-m", "benchmarks.recall", "--quick", "--forms", "gated_delta", "--out", tmp_path],
                 cwd=ROOT)
     assert "recorded already" in again.stdout and json.loads((tmp_path / "recall.json").read_text())["gated_delta"] == row
+
+
+def test_the_in_context_guess_reference():
+    from benchmarks.recall import guess_from_line
+
+    # Pairs k1 v3, k2 v3, k4 v5: two distinct values, so a random one of them is right half the time.
+    assert guess_from_line("k1 v3 k2 v3 k4 v5 k2 v3 k4 v5") == 0.5
+    rng = random.Random(0)
+    lines = [" ".join(make_line(rng, 16, 128, 64, 1000)) for _ in range(50)]
+    assert 1 / 16 <= sum(map(guess_from_line, lines)) / 50 < 1 / 15  # 1000 values: repeats are rare
