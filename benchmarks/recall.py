@@ -17,6 +17,7 @@ import argparse
 import json
 import pathlib
 import random
+import shlex
 import sys
 import time
 
@@ -271,7 +272,7 @@ def main(argv=None):
         a.dim, a.heads, a.feature_dim, a.window, a.updates, a.batch_size = 16, 2, 4, 4, 4, 4
     forms = [f for f in a.forms.split(",") if f]
     work = a.work or (a.out / "recall_work" if a.quick else ROOT / "runs" / "recall")
-    command = "python -m benchmarks.recall " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(["python", "-m", "benchmarks.recall", *(sys.argv[1:] if argv is None else map(str, argv))])
     results = kit.Results(a.out / "recall.json")
     force = {f for f in a.force.split(",") if f}
     sizes = {}
