@@ -102,7 +102,9 @@ def train_flags(a, form, bin_dir) -> list:
 
 
 def shared_flags(a) -> list:
-    return [*model_flags(a), "--criterion", "recall_answers", "--sample-break-mode", "eos", "--tokens-per-sample", a.length + 8,
+    # One line per sample (eos mode); the block size only has to exceed a line.
+    return [*model_flags(a), "--criterion", "recall_answers", "--sample-break-mode", "eos",
+            "--tokens-per-sample", a.length + 8,
             "--batch-size", a.batch_size, "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", min(50, a.updates // 4), "--clip-norm", 1.0,
             "--max-update", a.updates, "--disable-validation", "--no-epoch-checkpoints",
@@ -300,13 +302,15 @@ def main(argv=None):
                          f"{a.feature_dim} per head for every form, window {a.window}",
                 "data": f"L = {a.length} tokens per line, N in {a.ns}, {a.keys} keys and {a.values} values; "
                         f"{sizes['train_lines']} training lines (the N mixed), {a.test_lines} held-out lines per N",
-                "training": f"{a.updates} updates of {a.batch_size} lines, Adam lr {a.lr} (inverse square root decay after 50 warmup updates), "
-                            "loss on the answers only (criterion recall_answers), one thread",
-                "updates": a.updates, "sizes": sizes, "train_command": f"fairseq-train {work / 'bin'} --user-dir {PLUGIN} <form's flags> " + " ".join(
-                    str(x) for x in shared_flags(a)),
+                "training": f"{a.updates} updates of {a.batch_size} lines, Adam lr {a.lr} (inverse square root "
+                            "decay after 50 warmup updates), loss on the answers only (criterion recall_answers), "
+                            "one thread",
+                "updates": a.updates, "sizes": sizes,
+                "train_command": f"fairseq-train {work / 'bin'} --user-dir {PLUGIN} <form's flags> "
+                                 + " ".join(str(x) for x in shared_flags(a)),
                 "notes": a.notes}
 
-    if all((work / f"test.{n}.txt").exists() for n in a.ns):
+    if all((work / f"test.{n}.txt").exists() for n in a.ns):  # the reference needs no model: from the test lines
         guess = {str(n): round(sum(map(guess_from_line, lines)) / len(lines), 4)
                  for n in a.ns for lines in [(work / f"test.{n}.txt").read_text().splitlines()]}
         results.record("guess", {"label": "reference: a value of the line, at random", "accuracy": guess})

@@ -75,7 +75,8 @@ def test_quick_run_writes_a_row_a_table_and_a_checkable_figure(tmp_path):
     # A rerun resumes: the recorded row is kept, nothing is trained again.
     again = run([sys.executable, "-m", "benchmarks.recall", "--quick", "--forms", "gated_delta", "--out", tmp_path],
                 cwd=ROOT)
-    assert "recorded already" in again.stdout and json.loads((tmp_path / "recall.json").read_text())["gated_delta"] == row
+    assert "recorded already" in again.stdout
+    assert json.loads((tmp_path / "recall.json").read_text())["gated_delta"] == row
 
 
 def test_the_in_context_guess_reference():
