@@ -22,6 +22,7 @@ RESULTS = ROOT / "results"
 PAGES = (ROOT / "README.md", ROOT / "results/README.md", *sorted((ROOT / "docs").glob("*.md")))
 FIGURE = ROOT / "results/wikitext2_quality_vs_cost.png"
 DISTANCE_FIGURE = ROOT / "results/wikitext2_ppl_by_distance.png"
+RECALL_FIGURE = ROOT / "results/recall.png"  # drawn by benchmarks.recall.plot, checked the same way
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
@@ -274,16 +275,37 @@ def figure_data():
 
 
 def _plotted(path):
-    """The numbers a PNG this module drew plots (its metadata, not its pixels)."""
+    """The numbers a PNG of ours plots (its metadata), or None."""
     from PIL import Image
 
+    if not path.is_file():
+        return None
     with Image.open(path) as image:
         return json.loads(image.text.get("t2r-data", "null"))
 
 
 def figure_is_current(path=FIGURE):
-    """Whether the PNG at path plots what the results files hold."""
+    """Whether the PNG at path plots what the results files hold (read from its metadata, not its pixels)."""
     return path.is_file() and _plotted(path) == figure_data()
+
+
+def recall():
+    from benchmarks.recall import setup_line, table
+
+    data = _load("recall.json")
+    return f"{table(data)}\n\n`{data['setup']['command'].split(' --notes')[0]}`: {setup_line(data)}\n"
+
+
+def recall_figure_is_current(path=RECALL_FIGURE):
+    from benchmarks.recall import plot_data
+
+    return path.is_file() and _plotted(path) == plot_data(_load("recall.json"))
+
+
+def draw_recall_figure(path=RECALL_FIGURE):
+    from benchmarks.recall import plot
+
+    plot(_load("recall.json"), path)
 
 
 def draw_figure(path=FIGURE):
@@ -367,13 +389,14 @@ def draw_distance_figure(path=DISTANCE_FIGURE):
     plt.close(fig)
 
 
-FIGURES = {FIGURE: (figure_is_current, draw_figure), DISTANCE_FIGURE: (distance_figure_is_current, draw_distance_figure)}
+FIGURES = {FIGURE: (figure_is_current, draw_figure), DISTANCE_FIGURE: (distance_figure_is_current, draw_distance_figure),
+           RECALL_FIGURE: (recall_figure_is_current, draw_recall_figure)}
 
 
 GENERATORS = {"headline": headline, "demo-console": demo_console, "demo-tables": demo_tables,
               "bench-decode": bench_decode, "generation-memory": generation_memory, "multi30k": multi30k,
               "multi30k-cross": lambda: multi30k("multi30k_cross.json"), "cross-attention": cross_attention,
-              "wikitext2": wikitext2}
+              "wikitext2": wikitext2, "recall": recall}
 
 
 def render(text: str) -> str:
