@@ -167,6 +167,14 @@ WIKITEXT2_ROWS = (
     ("t2r_window_transfer", "T2R + pretrain, softmax window 64 + linear, attention transfer", "32"),
     ("t2r_window_gated", "T2R + pretrain, softmax window 64 + linear, gated decay", "32"),
     ("t2r_window_distill", "T2R + pretrain, softmax window 64 + linear, attention transfer + KL to the teacher", "32"),
+    ("t2r_delta", "T2R + pretrain, delta rule (DeltaNet)", "32"),
+    ("t2r_gated_delta", "T2R + pretrain, gated delta rule (Gated DeltaNet)", "32"),
+    ("t2r_gated_delta_norm", "T2R + pretrain, gated delta rule, DeltaNet's read-out (RMS norm)", "32"),
+    ("t2r_gated_then_carried", "T2R + pretrain, gated decay, 200 on blocks then 100 carried", "32"),
+    ("t2r_gated_then_carried16", "T2R + pretrain, gated decay, 200 on blocks then 100 carried (16 x 128)", "32"),
+    ("t2r_gated_long_then_carried", "T2R + pretrain, gated decay from 2048 tokens, 200 on blocks then 100 carried",
+     "32"),
+    ("t2r_gated_delta_then_carried", "T2R + pretrain, gated delta rule, 200 on blocks then 100 carried", "32"),
 )
 
 
@@ -221,6 +229,7 @@ HEADLINE = (  # (setting, its options, WikiText-2 row, the row whose decode cost
     ("T2R, the paper's", "(defaults)", "t2r_pretrain", "t2r_pretrain", "t2r_pretrain"),
     ("T2R, gated decay", "`--t2r-decay gated`", "t2r_decay_gated", "t2r_decay_gated", None),
     ("T2R, softmax window 64 + linear", "`--t2r-window 64`", "t2r_window", "t2r_window", "t2r_window"),
+    ("T2R, Gated DeltaNet", "`--t2r-update delta --t2r-decay gated`", "t2r_gated_delta", "t2r_gated_delta", None),
     ("T2R, window 64 + gated decay", "`--t2r-window 64 --t2r-decay gated`", "t2r_window_gated", "t2r_window_gated",
      None),
     ("hybrid: top layer softmax", "`--t2r-softmax-layers 1`", "hybrid_50", None, None),
@@ -357,6 +366,22 @@ def distance_figure_data():
     return {"window": int(window), "lines": lines}
 
 
+def wikitext2_by_distance():
+    """Test perplexity by distance from the stream start, for every row that has it recorded."""
+    lm = _load("wikitext2.json")
+    scored = [(f"{label}, {how}", lm[name][key]) for name, label, _ in WIKITEXT2_ROWS
+              for key, how in (("test_ppl_by_distance", "windowed"), ("test_ppl_by_distance_carried", "state carried"))
+              if key in lm.get(name, {})]
+    if not scored:
+        return "(not recorded yet: `python -m examples.language_model.wikitext2 --rows ... --by-distance`)\n"
+    buckets = list(scored[0][1])
+    lines = ["| row, scoring | " + " | ".join(f"tokens {b}" for b in buckets) + " |", "|---|" + "---:|" * len(buckets)]
+    lines += [f"| {label} | " + " | ".join(f"{ppl[b]:.2f}" for b in buckets) + " |" for label, ppl in scored]
+    return "\n".join(lines) + ("\n\nTokens counted from the start of their stream (the test split cut into 8 "
+                               "streams, as the carried scoring reads it); windowed rows scored with the usual "
+                               "128-token window and mapped onto the same streams.\n")
+
+
 def distance_figure_is_current(path=DISTANCE_FIGURE):
     """Whether the PNG plots what the results hold; before any scores by distance are recorded, that it is absent."""
     data = distance_figure_data()
@@ -396,7 +421,8 @@ FIGURES = {FIGURE: (figure_is_current, draw_figure), DISTANCE_FIGURE: (distance_
 GENERATORS = {"headline": headline, "demo-console": demo_console, "demo-tables": demo_tables,
               "bench-decode": bench_decode, "generation-memory": generation_memory, "multi30k": multi30k,
               "multi30k-cross": lambda: multi30k("multi30k_cross.json"), "cross-attention": cross_attention,
-              "wikitext2": wikitext2, "recall": recall}
+              "wikitext2": wikitext2, "recall": recall,
+              "wikitext2-by-distance": wikitext2_by_distance}
 
 
 def render(text: str) -> str:
