@@ -361,7 +361,10 @@ def main(argv=None):
 
     store.run_rows(wanted, rows, set(filter(None, args.force.split(","))), run_row, setup)
     # Unbounded-context scoring applies to rows whose every layer is recurrent.
-    for name, (extra, *_) in rows.items():
+    for name, (extra, _, _, *stages) in rows.items():
+        # Blocks as long as the carried stage's (a model trained on shorter ones has fewer positions).
+        stage = list(stages[0].extra) if stages else []
+        block = int(stage[stage.index("--tokens-per-sample") + 1]) if "--tokens-per-sample" in stage else tps
         row = store.load().get(name)
         if name not in wanted or row is None:
             continue
@@ -374,7 +377,7 @@ def main(argv=None):
             log(f"{name}: no {checkpoint} to score (state carried, or by distance from the stream start); skipped")
             continue
         if carried:
-            ppl, by_distance = evaluate_carried(bin_dir, checkpoint, tps, args.work / f"logs/{name}.eval_carried.log")
+            ppl, by_distance = evaluate_carried(bin_dir, checkpoint, block, args.work / f"logs/{name}.eval_carried.log")
             ppl = round(ppl, 2)
             log(f"{name}: test perplexity {ppl} with the state carried across the whole split; by distance from "
                 f"the stream start {by_distance}")
