@@ -169,6 +169,7 @@ WIKITEXT2_ROWS = (
     ("t2r_window_distill", "T2R + pretrain, softmax window 64 + linear, attention transfer + KL to the teacher", "32"),
     ("t2r_delta", "T2R + pretrain, delta rule (DeltaNet)", "32"),
     ("t2r_gated_delta", "T2R + pretrain, gated delta rule (Gated DeltaNet)", "32"),
+    ("t2r_gated_delta_long", "T2R + pretrain, gated delta rule, gates from 2048 tokens", "32"),
     ("t2r_gated_delta_norm", "T2R + pretrain, gated delta rule, DeltaNet's read-out (RMS norm)", "32"),
     ("t2r_gated_then_carried", "T2R + pretrain, gated decay, 200 on blocks then 100 carried", "32"),
     ("t2r_gated_then_carried16", "T2R + pretrain, gated decay, 200 on blocks then 100 carried (16 x 128)", "32"),

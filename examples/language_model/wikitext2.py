@@ -267,6 +267,9 @@ def row_options(args, teacher_ckpt):
         "t2r_delta": (t2r + convert + ["--t2r-update", "delta"], n_finetune, args.finetune_lr),
         "t2r_gated_delta": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated"], n_finetune,
                             args.finetune_lr),
+        # Gated DeltaNet whose gates start remembering 8x longer (2048 tokens in its first head).
+        "t2r_gated_delta_long": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
+                                                  "--t2r-decay-memory", "2048"], n_finetune, args.finetune_lr),
         "t2r_gated_delta_norm": (t2r + convert + ["--t2r-update", "delta_norm", "--t2r-decay", "gated"], n_finetune,
                                  args.finetune_lr),
         # Carried state that pays off: independent blocks first, then the same run goes on with its
