@@ -90,6 +90,10 @@ class AttentionTransferCriterion(CrossEntropyCriterion):
         self._teacher = ()
         if not (self.weight or self.kl_weight):
             return
+        if getattr(task_config(task), "history_blocks", 0):
+            raise T2RUsageError("--criterion t2r_attention_transfer compares the model with the softmax teacher on "
+                                "each block alone, and --history-blocks gives the model the text before it too: drop "
+                                "one of them")
         teacher_path = getattr(task_config(task), "convert_from", None)
         if not teacher_path:
             terms = " and ".join(f"{flag} {value:g}" for flag, value in (

@@ -20,6 +20,7 @@ from fairseq.utils import safe_getattr
 
 from .attention import T2RCrossAttention, T2RSelfAttention, prefill
 from .errors import T2RUsageError
+from .history import read_history
 from .options import T2RConfig, T2ROptions, adopt_finetune_source_options, set_t2r_defaults, t2r_options
 
 
@@ -124,9 +125,15 @@ class T2RLanguageModel(TransformerLanguageModel):
         adopt_finetune_source_options(args)
         return _replace_decoder(super().build_model(args, task), args, no_encoder_attn=True)
 
-    def forward(self, src_tokens, stream_block: Optional[int] = None, **kwargs):
+    def forward(self, src_tokens, stream_block: Optional[int] = None, history_tokens: Optional[torch.Tensor] = None,
+                **kwargs):
         """stream_block: this batch's index among consecutive blocks of the same streams (0: the streams
-        start), or None: a plain forward."""
+        start), or None: a plain forward. history_tokens (rows, k, block): the k blocks of text before
+        each row (--history-blocks, history.py), read into the state first."""
+        if history_tokens is not None:
+            state = {}
+            read_history(self.decoder, history_tokens, state)
+            return prefill(self.decoder, src_tokens, state, **kwargs)
         if stream_block is None or kwargs.get("incremental_state") is not None:
             return super().forward(src_tokens, **kwargs)
         state = {} if stream_block == 0 else self._streams.get(self.training, {})

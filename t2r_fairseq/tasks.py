@@ -3,14 +3,16 @@
 They are fairseq's language_modeling / translation plus `--convert-from PATH`: when training
 starts fresh, the T2R model is initialized from that softmax checkpoint (see transfer.py). When
 there is something to resume from, fairseq's normal resume wins and nothing is converted.
-`--t2r-finetune attention` freezes all but the T2R attention: a training option, so a task's, not
-the model's (the model's flags describe what a checkpoint is, and t2r-convert takes them all).
+`--t2r-finetune attention` freezes all but the T2R attention, and `--history-blocks K` starts each
+training block from the state of the text before it (history.py): training options, so a task's,
+not the model's (the model's flags describe what a checkpoint is, and t2r-convert takes them all).
 """
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
@@ -19,6 +21,7 @@ from omegaconf import II
 
 from .checkpoints import load_checkpoint
 from .errors import T2RUsageError
+from .history import HistoryBlocks, check_options
 from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
 from .transfer import attention_parameters, require_t2r_attention, transfer_softmax_weights
 
@@ -113,12 +116,38 @@ def _train_attention_only(model):
 
 @dataclass
 class T2RLanguageModelingConfig(LanguageModelingConfig, ConvertFromConfig):
-    pass
+    history_blocks: int = field(default=0, metadata={
+        "help": "training only: each batch first reads into the recurrent state the k blocks of text before its "
+                "blocks (k drawn per batch from 0..K, no gradients), as a carried state would hold them when "
+                "scoring with --task t2r_truncated_bptt_lm; 0: every block starts from an empty state"})
+    train_subset: str = II("dataset.train_subset")  # read, not set: the split whose blocks get their history
 
 
 @register_task("t2r_language_modeling", dataclass=T2RLanguageModelingConfig)
 class T2RLanguageModelingTask(T2RTask, LanguageModelingTask):
-    pass
+    def __init__(self, args, *rest, **kwargs):
+        check_options(args.history_blocks, args.sample_break_mode)
+        super().__init__(args, *rest, **kwargs)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if self.args.history_blocks and (not isinstance(model, T2RLanguageModel)
+                                         or model.decoder.options.softmax_layers):
+            raise T2RUsageError("--history-blocks reaches a block only through every layer's recurrent state: it "
+                                "needs a T2R language model (--arch t2r_lm*) with no --t2r-softmax-layers")
+        return model
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch, combine, **kwargs)
+        if self.args.history_blocks and split == self.args.train_subset:
+            blocks = self.datasets[split]  # MonolingualDataset over TokenBlockDataset over the split's lines
+            lines = blocks.dataset.dataset
+            self.datasets[split] = HistoryBlocks(
+                blocks, torch.cat([torch.as_tensor(lines[i]) for i in range(len(lines))]).long(),
+                block=self.args.tokens_per_sample, max_blocks=self.args.history_blocks, eos=self.dictionary.eos(),
+                seed=self.args.seed)
+            logger.info(f"{split}: each batch reads up to {self.args.history_blocks} blocks of text before each "
+                        f"training block into the recurrent state first (--history-blocks)")
 
 
 @dataclass

@@ -53,9 +53,11 @@ def test_run_rows_skips_recorded_rows_unless_forced_and_records_the_setup(tmp_pa
         return {"n": len(ran)}
 
     store.run_rows(["a", "b"], {"a", "b", "c"}, set(), run_row, lambda: {"runs": len(ran)})
+    store.update("setup", decode="recorded by another tool")
     store.run_rows(["a", "b", "c"], {"a", "b", "c"}, {"b"}, run_row, lambda: {"runs": len(ran)})
     assert ran == ["a", "b", "b", "c"]
-    assert store.load() == {"a": {"n": 1}, "b": {"n": 3}, "c": {"n": 4}, "setup": {"runs": 4}}
+    assert store.load() == {"a": {"n": 1}, "b": {"n": 3}, "c": {"n": 4},
+                            "setup": {"runs": 4, "decode": "recorded by another tool"}}
     with pytest.raises(SystemExit, match="unknown row 'd'; rows are a"):
         store.run_rows(["d"], {"a": None}, set(), run_row, dict)
 

@@ -189,7 +189,8 @@ class Results:
 
     def run_rows(self, names, known, force, run_row, setup):
         """Compute each row of `names` with run_row(name) and record it as it ends, with setup() (how the
-        rows were made) as the "setup" row; rows recorded already are skipped unless in `force`."""
+        rows were made) merged into the "setup" row (fields other tools recorded there, such as a decode
+        pass's, stay); rows recorded already are skipped unless in `force`."""
         for name in names:
             if name not in known:
                 sys.exit(f"error: unknown row {name!r}; rows are {', '.join(known)}")
@@ -199,7 +200,7 @@ class Results:
             row = run_row(name)
             log(f"{name}: {row}")
             self.record(name, row)
-            self.record("setup", setup())
+            self.record("setup", {**self.load().get("setup", {}), **setup()})
 
     def write(self, results: dict):
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -285,6 +285,12 @@ def row_options(args, teacher_ckpt):
                                         n_finetune, args.finetune_lr, Carried(max(1, n_finetune // 3))),
         "t2r_gated_delta_then_carried": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated"], n_finetune,
                                          args.finetune_lr, Carried(max(1, n_finetune // 3))),
+        # Carried state learned without streams: every training block first reads up to 4 blocks of the
+        # text before it into its state (no gradients; the batches stay shuffled blocks).
+        "t2r_gated_delta_history": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
+                                                     "--history-blocks", "4"], n_finetune, args.finetune_lr),
+        "t2r_gated_history": (t2r + convert + ["--t2r-decay", "gated", "--history-blocks", "4"], n_finetune,
+                              args.finetune_lr),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
@@ -342,6 +348,7 @@ def main(argv=None):
             row["decay"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-decay"), "none")
             row["update"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-update"), "add")
             row["carried_state_training"] = "t2r_truncated_bptt_lm" in extra or carried is not None
+            row["history_blocks"] = int(next((extra[i + 1] for i, a in enumerate(extra) if a == "--history-blocks"), 0))
             if carried:
                 row["carried_updates"] = carried.updates
                 row["carried_options"] = " ".join(carried.extra)
