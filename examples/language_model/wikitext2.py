@@ -291,6 +291,12 @@ def row_options(args, teacher_ckpt):
                                                      "--history-blocks", "4"], n_finetune, args.finetune_lr),
         "t2r_gated_history": (t2r + convert + ["--t2r-decay", "gated", "--history-blocks", "4"], n_finetune,
                               args.finetune_lr),
+        # ... its levers: twice the history (up to 2048 tokens), and gates that start remembering 8x longer.
+        "t2r_gated_delta_history8": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
+                                                      "--history-blocks", "8"], n_finetune, args.finetune_lr),
+        "t2r_gated_delta_long_history": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
+                                                          "--t2r-decay-memory", "2048", "--history-blocks", "4"],
+                                         n_finetune, args.finetune_lr),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
