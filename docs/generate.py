@@ -176,6 +176,19 @@ WIKITEXT2_ROWS = (
     ("t2r_gated_long_then_carried", "T2R + pretrain, gated decay from 2048 tokens, 200 on blocks then 100 carried",
      "32"),
     ("t2r_gated_delta_then_carried", "T2R + pretrain, gated delta rule, 200 on blocks then 100 carried", "32"),
+    ("t2r_gated_history", "T2R + pretrain, gated decay, up to 4 blocks of history before each block", "32"),
+    ("t2r_gated_delta_history", "T2R + pretrain, gated delta rule, up to 4 blocks of history before each block",
+     "32"),
+    ("t2r_gated_delta_history8", "T2R + pretrain, gated delta rule, up to 8 blocks of history before each block",
+     "32"),
+    ("t2r_gated_delta_history16", "T2R + pretrain, gated delta rule, up to 16 blocks of history before each block",
+     "32"),
+    ("t2r_gated_delta_long_history", "T2R + pretrain, gated delta rule, gates from 2048 tokens, up to 4 blocks of "
+     "history", "32"),
+    ("teacher_continued_2x", "teacher trained on for twice the finetuning budget", "-"),
+    ("t2r_gated_delta_history_2x", "T2R + pretrain, gated delta rule, up to 8 blocks of history, twice the budget",
+     "32"),
+    ("t2r_gated_delta_history_2x_seed2", "the same, seed 2", "32"),
 )
 
 
@@ -207,9 +220,12 @@ def wikitext2():
         if name not in data:
             continue
         r = data[name]
+        # A row given twice the budget is measured against the teacher trained on for as long.
+        twice = data.get("teacher_continued_2x", {})
+        bar = twice["test_ppl"] if twice and r["updates"] == twice["updates"] and name != "teacher" else continued
         lines.append(f"| {label} | {r.get('init', 'random')} | {r['updates']} | {features} | "
                      f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {_pct(r['test_ppl'], teacher)} | "
-                     f"{_pct(r['test_ppl'], continued)} | {_carried(r)} |")
+                     f"{_pct(r['test_ppl'], bar)} | {_carried(r)} |")
     lines += ["", "State carried: `fairseq-eval-lm --task t2r_truncated_bptt_lm --batch-size 8` on the test split, "
               "every token scored once with all of its history in its stream; † the former `t2r-eval-stream` "
               "(8 streams, the same protocol), for rows of the first teacher whose checkpoints were not kept."]
@@ -231,6 +247,9 @@ HEADLINE = (  # (setting, its options, WikiText-2 row, the row whose decode cost
     ("T2R, gated decay", "`--t2r-decay gated`", "t2r_decay_gated", "t2r_decay_gated", None),
     ("T2R, softmax window 64 + linear", "`--t2r-window 64`", "t2r_window", "t2r_window", "t2r_window"),
     ("T2R, Gated DeltaNet", "`--t2r-update delta --t2r-decay gated`", "t2r_gated_delta", "t2r_gated_delta", None),
+    # --history-blocks is training only: the same model, so the same decode cost.
+    ("T2R, Gated DeltaNet trained with history", "`--t2r-update delta --t2r-decay gated --history-blocks 8`",
+     "t2r_gated_delta_history8", "t2r_gated_delta", None),
     ("T2R, window 64 + gated decay", "`--t2r-window 64 --t2r-decay gated`", "t2r_window_gated", "t2r_window_gated",
      None),
     ("hybrid: top layer softmax", "`--t2r-softmax-layers 1`", "hybrid_50", None, None),
@@ -349,7 +368,9 @@ def distance_figure_data():
     None before any are."""
     lm = _load("wikitext2.json")
     labels = {name: label for name, label, _ in WIKITEXT2_ROWS}
-    t2r = [name for name in labels if "feature_map" in lm.get(name, {})]
+    # At the finetuning budget, as the teacher's finetuned rows: not the rows given twice as many updates.
+    budget = lm["teacher_continued"]["updates"]
+    t2r = [name for name in labels if "feature_map" in lm.get(name, {}) and lm[name]["updates"] == budget]
     windowed = [name for name in t2r if "test_ppl_by_distance" in lm[name]]
     carried = [name for name in t2r if "test_ppl_by_distance_carried" in lm[name]]
     lines = []

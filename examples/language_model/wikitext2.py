@@ -291,9 +291,11 @@ def row_options(args, teacher_ckpt):
                                                      "--history-blocks", "4"], n_finetune, args.finetune_lr),
         "t2r_gated_history": (t2r + convert + ["--t2r-decay", "gated", "--history-blocks", "4"], n_finetune,
                               args.finetune_lr),
-        # ... its levers: twice the history (up to 2048 tokens), and gates that start remembering 8x longer.
+        # ... its levers: more history (up to 2048 and 4096 tokens), and gates that start remembering 8x longer.
         "t2r_gated_delta_history8": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
                                                       "--history-blocks", "8"], n_finetune, args.finetune_lr),
+        "t2r_gated_delta_history16": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
+                                                       "--history-blocks", "16"], n_finetune, args.finetune_lr),
         "t2r_gated_delta_long_history": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
                                                           "--t2r-decay-memory", "2048", "--history-blocks", "4"],
                                          n_finetune, args.finetune_lr),
@@ -301,6 +303,15 @@ def row_options(args, teacher_ckpt):
         # same finetuning budget (every converted row also keeps learning the task).
         "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
                                teacher_ckpt], n_finetune, args.finetune_lr),
+        # Twice the finetuning budget, and its own bar: does more training teach the history's use?
+        "t2r_gated_delta_history_2x": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
+                                                        "--history-blocks", "8"], 2 * n_finetune, args.finetune_lr),
+        # The same with another seed (initial feature maps, dropout, batch order): is the gain that seed's?
+        "t2r_gated_delta_history_2x_seed2": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
+                                                              "--history-blocks", "8", "--seed", "2"], 2 * n_finetune,
+                                             args.finetune_lr),
+        "teacher_continued_2x": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
+                                  teacher_ckpt], 2 * n_finetune, args.finetune_lr),
     }
 
 
@@ -331,7 +342,8 @@ def main(argv=None):
                         "--save-interval-updates", str(max(1, updates // 6)), "--keep-interval-updates", "1"]
             first = updates - (carried.updates if carried else 0)
             _, minutes = kit.train_fresh(
-                [bin_dir, *MODEL, *extra, *train_args(tps, mt, lr, warmup, streams), "--max-update", str(first),
+                # The row's own options last: they win over the recipe's defaults (e.g. another --seed).
+                [bin_dir, *MODEL, *train_args(tps, mt, lr, warmup, streams), *extra, "--max-update", str(first),
                  *schedule], args.work / name, args.work / f"logs/{name}.train.log")
             if carried:
                 log(f"{name}: the same run goes on for {carried.updates} updates with its state carried")
