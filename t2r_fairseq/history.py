@@ -25,13 +25,16 @@ from .attention import prefill
 from .errors import T2RUsageError
 
 
-def check_options(history_blocks, sample_break_mode):
+def check_options(history_blocks, sample_break_mode, add_bos_token):
     if history_blocks < 0:
         raise T2RUsageError(f"--history-blocks {history_blocks}: give how many blocks of text before each training "
                             f"block to read into its state (0: none)")
     if history_blocks and str(sample_break_mode) != "none":
         raise T2RUsageError(f"--history-blocks reads the text just before each block, which --sample-break-mode "
                             f"{sample_break_mode} does not keep contiguous: use --sample-break-mode none")
+    if history_blocks and add_bos_token:
+        raise T2RUsageError("--history-blocks reads the text before each block as one stream, and --add-bos-token "
+                            "starts every block with <s>: drop one of them")
 
 
 class HistoryBlocks(BaseWrapperDataset):

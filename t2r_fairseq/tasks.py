@@ -126,7 +126,7 @@ class T2RLanguageModelingConfig(LanguageModelingConfig, ConvertFromConfig):
 @register_task("t2r_language_modeling", dataclass=T2RLanguageModelingConfig)
 class T2RLanguageModelingTask(T2RTask, LanguageModelingTask):
     def __init__(self, args, *rest, **kwargs):
-        check_options(args.history_blocks, args.sample_break_mode)
+        check_options(args.history_blocks, args.sample_break_mode, args.add_bos_token)
         super().__init__(args, *rest, **kwargs)
 
     def build_model(self, cfg, from_checkpoint=False):

@@ -93,6 +93,7 @@ def test_fairseq_train_reads_the_history_and_trains(lm_workdir):
 @pytest.mark.parametrize("bad,message", [
     (["--history-blocks", -1], "--history-blocks -1: give how many blocks"),
     (["--history-blocks", 2, "--sample-break-mode", "eos"], "use --sample-break-mode none"),
+    (["--history-blocks", 2, "--add-bos-token"], "--add-bos-token starts every block with <s>"),
     (["--history-blocks", 2, "--t2r-softmax-layers", "1"], "with no --t2r-softmax-layers"),
     (["--history-blocks", 2, "--criterion", "t2r_attention_transfer"], "drop one of them"),
 ])
