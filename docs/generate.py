@@ -222,7 +222,7 @@ def wikitext2():
         r = data[name]
         # A row given twice the budget is measured against the teacher trained on for as long.
         twice = data.get("teacher_continued_2x", {})
-        bar = twice["test_ppl"] if twice and r["updates"] == twice["updates"] and name != "teacher" else continued
+        bar = twice["test_ppl"] if twice and r["updates"] == twice["updates"] else continued
         lines.append(f"| {label} | {r.get('init', 'random')} | {r['updates']} | {features} | "
                      f"{r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {_pct(r['test_ppl'], teacher)} | "
                      f"{_pct(r['test_ppl'], bar)} | {_carried(r)} |")

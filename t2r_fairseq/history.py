@@ -37,6 +37,17 @@ def check_options(history_blocks, sample_break_mode, add_bos_token):
                             "starts every block with <s>: drop one of them")
 
 
+def token_stream(lines) -> torch.Tensor:
+    """A split's lines (each ending in </s>), in order, as one token stream: the text that
+    --sample-break-mode none cuts into blocks, and that the stream task cuts into streams."""
+    return torch.cat([torch.as_tensor(lines[i]) for i in range(len(lines))]).long()
+
+
+def next_token_inputs(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """The inputs that predict `tokens`: the stream shifted right by one, </s> first."""
+    return torch.cat([tokens.new_tensor([eos]), tokens[:-1]])
+
+
 class HistoryBlocks(BaseWrapperDataset):
     """fairseq's language-modeling dataset (--sample-break-mode none), whose batches also carry
     net_input["history_tokens"]: (rows, k, block), the k blocks of inputs before each row's block.
@@ -46,7 +57,7 @@ class HistoryBlocks(BaseWrapperDataset):
 
     def __init__(self, dataset, tokens: torch.Tensor, *, block: int, max_blocks: int, eos: int, seed: int):
         super().__init__(dataset)
-        self.inputs = torch.cat([tokens.new_tensor([eos]), tokens[:-1]])
+        self.inputs = next_token_inputs(tokens, eos)
         self.block, self.max_blocks, self.seed = block, max_blocks, seed
 
     def history_length(self, ids):

@@ -37,6 +37,7 @@ from fairseq.tasks import register_task
 from omegaconf import II
 
 from .errors import T2RUsageError
+from .history import next_token_inputs, token_stream
 from .models import T2RLanguageModel
 from .tasks import ConvertFromConfig, T2RTask
 
@@ -56,7 +57,7 @@ class StreamBatches(torch.utils.data.Dataset):
         streams = rows * num_shards
         length = math.ceil(tokens.numel() / streams)
         padding = tokens.new_full((length * streams - tokens.numel(),), pad)
-        inputs = torch.cat([tokens.new_tensor([eos]), tokens[:-1], padding]).view(streams, length)
+        inputs = torch.cat([next_token_inputs(tokens, eos), padding]).view(streams, length)
         targets = torch.cat([tokens, padding]).view(streams, length)
         mine = slice(shard_id * rows, (shard_id + 1) * rows)
         self.inputs, self.targets, self.block = inputs[mine], targets[mine], block
@@ -188,7 +189,7 @@ class T2RTruncatedBPTTLMTask(T2RTask, TruncatedBPTTLMTask):
         lines = data_utils.load_indexed_dataset(path, self.dictionary, combine=combine)
         if lines is None:
             raise FileNotFoundError(f"Dataset not found: {split} ({path})")
-        tokens = torch.cat([lines[i] for i in range(len(lines))]).long()
+        tokens = token_stream(lines)
         self.datasets[split] = StreamBatches(
             tokens, rows=self.cfg.batch_size, block=self.cfg.tokens_per_sample, shard_id=self.cfg.data_parallel_rank,
             num_shards=self.cfg.data_parallel_size, eos=self.dictionary.eos(), pad=self.dictionary.pad())

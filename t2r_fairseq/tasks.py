@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
@@ -21,7 +20,7 @@ from omegaconf import II
 
 from .checkpoints import load_checkpoint
 from .errors import T2RUsageError
-from .history import HistoryBlocks, check_options
+from .history import HistoryBlocks, check_options, token_stream
 from .models import T2RLanguageModel, T2RTransformerModel, twin_architecture_name
 from .transfer import attention_parameters, require_t2r_attention, transfer_softmax_weights
 
@@ -141,11 +140,9 @@ class T2RLanguageModelingTask(T2RTask, LanguageModelingTask):
         super().load_dataset(split, epoch, combine, **kwargs)
         if self.args.history_blocks and split == self.args.train_subset:
             blocks = self.datasets[split]  # MonolingualDataset over TokenBlockDataset over the split's lines
-            lines = blocks.dataset.dataset
             self.datasets[split] = HistoryBlocks(
-                blocks, torch.cat([torch.as_tensor(lines[i]) for i in range(len(lines))]).long(),
-                block=self.args.tokens_per_sample, max_blocks=self.args.history_blocks, eos=self.dictionary.eos(),
-                seed=self.args.seed)
+                blocks, token_stream(blocks.dataset.dataset), block=self.args.tokens_per_sample,
+                max_blocks=self.args.history_blocks, eos=self.dictionary.eos(), seed=self.args.seed)
             logger.info(f"{split}: each batch reads up to {self.args.history_blocks} blocks of text before each "
                         f"training block into the recurrent state first (--history-blocks)")
 

@@ -217,6 +217,11 @@ class Carried(NamedTuple):
     extra: Tuple[str, ...] = ()
 
 
+def option(options, flag, default):
+    """The value given to `flag` in a row's fairseq options, or `default`."""
+    return next((options[i + 1] for i, a in enumerate(options) if a == flag), default)
+
+
 def row_options(args, teacher_ckpt):
     """name: (fairseq-train options, updates, learning rate[, Carried second stage])."""
     n_teacher = args.teacher_updates
@@ -226,6 +231,8 @@ def row_options(args, teacher_ckpt):
            "--t2r-feature-dim", str(args.feature_dim)]
     t2r_streams = [a if a != "t2r_language_modeling" else "t2r_truncated_bptt_lm" for a in t2r]
     convert = ["--convert-from", teacher_ckpt]
+    gated_delta = t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated"]  # Gated DeltaNet
+    softmax_on = ["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model", teacher_ckpt]
     return {
         "teacher": (["--task", "language_modeling", "--arch", "transformer_lm"], n_teacher, args.lr),
         "t2r_pretrain": (t2r + convert, n_finetune, args.finetune_lr),
@@ -265,11 +272,9 @@ def row_options(args, teacher_ckpt):
         # A state that can overwrite (delta_rule.py): DeltaNet and Gated DeltaNet, read out through
         # T2R's normaliser; and, to decide the read-out, Gated DeltaNet with DeltaNet's own (delta_norm).
         "t2r_delta": (t2r + convert + ["--t2r-update", "delta"], n_finetune, args.finetune_lr),
-        "t2r_gated_delta": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated"], n_finetune,
-                            args.finetune_lr),
+        "t2r_gated_delta": (gated_delta, n_finetune, args.finetune_lr),
         # Gated DeltaNet whose gates start remembering 8x longer (2048 tokens in its first head).
-        "t2r_gated_delta_long": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
-                                                  "--t2r-decay-memory", "2048"], n_finetune, args.finetune_lr),
+        "t2r_gated_delta_long": (gated_delta + ["--t2r-decay-memory", "2048"], n_finetune, args.finetune_lr),
         "t2r_gated_delta_norm": (t2r + convert + ["--t2r-update", "delta_norm", "--t2r-decay", "gated"], n_finetune,
                                  args.finetune_lr),
         # Carried state that pays off: independent blocks first, then the same run goes on with its
@@ -283,35 +288,26 @@ def row_options(args, teacher_ckpt):
                                                                        "--batch-size", str(2 * mt // tps)))),
         "t2r_gated_long_then_carried": (t2r + convert + ["--t2r-decay", "gated", "--t2r-decay-memory", "2048"],
                                         n_finetune, args.finetune_lr, Carried(max(1, n_finetune // 3))),
-        "t2r_gated_delta_then_carried": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated"], n_finetune,
-                                         args.finetune_lr, Carried(max(1, n_finetune // 3))),
+        "t2r_gated_delta_then_carried": (gated_delta, n_finetune, args.finetune_lr, Carried(max(1, n_finetune // 3))),
         # Carried state learned without streams: every training block first reads up to 4 blocks of the
         # text before it into its state (no gradients; the batches stay shuffled blocks).
-        "t2r_gated_delta_history": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
-                                                     "--history-blocks", "4"], n_finetune, args.finetune_lr),
+        "t2r_gated_delta_history": (gated_delta + ["--history-blocks", "4"], n_finetune, args.finetune_lr),
         "t2r_gated_history": (t2r + convert + ["--t2r-decay", "gated", "--history-blocks", "4"], n_finetune,
                               args.finetune_lr),
         # ... its levers: more history (up to 2048 and 4096 tokens), and gates that start remembering 8x longer.
-        "t2r_gated_delta_history8": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
-                                                      "--history-blocks", "8"], n_finetune, args.finetune_lr),
-        "t2r_gated_delta_history16": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
-                                                       "--history-blocks", "16"], n_finetune, args.finetune_lr),
-        "t2r_gated_delta_long_history": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
-                                                          "--t2r-decay-memory", "2048", "--history-blocks", "4"],
+        "t2r_gated_delta_history8": (gated_delta + ["--history-blocks", "8"], n_finetune, args.finetune_lr),
+        "t2r_gated_delta_history16": (gated_delta + ["--history-blocks", "16"], n_finetune, args.finetune_lr),
+        "t2r_gated_delta_long_history": (gated_delta + ["--t2r-decay-memory", "2048", "--history-blocks", "4"],
                                          n_finetune, args.finetune_lr),
         # The fair baseline for an undertrained teacher: the softmax model trained on for the
         # same finetuning budget (every converted row also keeps learning the task).
-        "teacher_continued": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
-                               teacher_ckpt], n_finetune, args.finetune_lr),
+        "teacher_continued": (softmax_on, n_finetune, args.finetune_lr),
         # Twice the finetuning budget, and its own bar: does more training teach the history's use?
-        "t2r_gated_delta_history_2x": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
-                                                        "--history-blocks", "8"], 2 * n_finetune, args.finetune_lr),
+        "t2r_gated_delta_history_2x": (gated_delta + ["--history-blocks", "8"], 2 * n_finetune, args.finetune_lr),
         # The same with another seed (initial feature maps, dropout, batch order): is the gain that seed's?
-        "t2r_gated_delta_history_2x_seed2": (t2r + convert + ["--t2r-update", "delta", "--t2r-decay", "gated",
-                                                              "--history-blocks", "8", "--seed", "2"], 2 * n_finetune,
+        "t2r_gated_delta_history_2x_seed2": (gated_delta + ["--history-blocks", "8", "--seed", "2"], 2 * n_finetune,
                                              args.finetune_lr),
-        "teacher_continued_2x": (["--task", "language_modeling", "--arch", "transformer_lm", "--finetune-from-model",
-                                  teacher_ckpt], 2 * n_finetune, args.finetune_lr),
+        "teacher_continued_2x": (softmax_on, 2 * n_finetune, args.finetune_lr),
     }
 
 
@@ -361,16 +357,16 @@ def main(argv=None):
             row[f"{subset}_ppl"] = round(evaluate(bin_dir, checkpoint, tps, subset,
                                                   args.work / f"logs/{name}.eval_{subset}.log"), 2)
         if USER_DIR in extra:  # a T2R row
-            row["feature_map"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-feature-map"), "t2r")
+            row["feature_map"] = option(extra, "--t2r-feature-map", "t2r")
             row["feature_dim"] = args.feature_dim
-            row["decay"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-decay"), "none")
-            row["update"] = next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-update"), "add")
+            row["decay"] = option(extra, "--t2r-decay", "none")
+            row["update"] = option(extra, "--t2r-update", "add")
             row["carried_state_training"] = "t2r_truncated_bptt_lm" in extra or carried is not None
-            row["history_blocks"] = int(next((extra[i + 1] for i, a in enumerate(extra) if a == "--history-blocks"), 0))
+            row["history_blocks"] = int(option(extra, "--history-blocks", 0))
             if carried:
                 row["carried_updates"] = carried.updates
                 row["carried_options"] = " ".join(carried.extra)
-            row["window"] = int(next((extra[i + 1] for i, a in enumerate(extra) if a == "--t2r-window"), 0))
+            row["window"] = int(option(extra, "--t2r-window", 0))
         if name != "teacher":
             row["init"] = "teacher" if {"--convert-from", "--finetune-from-model"} & set(extra) else "random"
         return row
@@ -391,8 +387,7 @@ def main(argv=None):
     # Unbounded-context scoring applies to rows whose every layer is recurrent.
     for name, (extra, _, _, *stages) in rows.items():
         # Blocks as long as the carried stage's (a model trained on shorter ones has fewer positions).
-        stage = list(stages[0].extra) if stages else []
-        block = int(stage[stage.index("--tokens-per-sample") + 1]) if "--tokens-per-sample" in stage else tps
+        block = int(option(stages[0].extra, "--tokens-per-sample", tps)) if stages else tps
         row = store.load().get(name)
         if name not in wanted or row is None:
             continue
